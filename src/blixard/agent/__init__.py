@@ -1,0 +1,1 @@
+"""Blixard layer: agent (see docs/architecture.md)."""

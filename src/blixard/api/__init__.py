@@ -1,0 +1,1 @@
+"""Blixard layer: api (see docs/architecture.md)."""

@@ -1,0 +1,1 @@
+"""Blixard layer: cli (see docs/architecture.md)."""

@@ -1,0 +1,1 @@
+"""Blixard layer: client (see docs/architecture.md)."""

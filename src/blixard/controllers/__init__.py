@@ -1,0 +1,1 @@
+"""Blixard layer: controllers (see docs/architecture.md)."""

@@ -1,0 +1,1 @@
+"""Blixard layer: daemon (see docs/architecture.md)."""

@@ -1,0 +1,1 @@
+"""Domain: models, names, resource units and the error tree. Imports nothing of blixard."""

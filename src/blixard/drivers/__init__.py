@@ -1,0 +1,1 @@
+"""Blixard layer: drivers (see docs/architecture.md)."""

@@ -1,0 +1,1 @@
+"""Blixard layer: functions (see docs/architecture.md)."""

@@ -1,0 +1,1 @@
+"""Blixard layer: images (see docs/architecture.md)."""

@@ -1,0 +1,1 @@
+"""Blixard layer: scheduler (see docs/architecture.md)."""

@@ -1,0 +1,1 @@
+"""Blixard layer: sim (see docs/architecture.md)."""

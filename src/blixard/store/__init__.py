@@ -1,0 +1,1 @@
+"""The state store: one protocol with etcd's data model, two backends (SQLite, etcd)."""
