@@ -1,0 +1,60 @@
+#!/usr/bin/env bash
+# Blixard's main job on one machine: set up (scripts/setup.sh), start a node on the embedded
+# SQLite store, show that it answers its health check, then keep it running until Ctrl-C.
+#   --once          stop the node after the health check (used by the tests)
+# Environment: BLIXARD_DATA_DIR (default ./data), BLIXARD_API_PORT (default 7400).
+set -euo pipefail
+
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$ROOT"
+once=0
+[[ "${1:-}" == "--once" ]] && once=1
+
+bash scripts/setup.sh
+
+export BLIXARD_DATA_DIR="${BLIXARD_DATA_DIR:-$ROOT/data}"
+export BLIXARD_API_PORT="${BLIXARD_API_PORT:-7400}"
+url="http://127.0.0.1:$BLIXARD_API_PORT"
+
+echo "quickstart: starting a Blixard node (data in $BLIXARD_DATA_DIR, API $url)"
+.venv/bin/blixard node start &
+node=$!
+stop() { kill -TERM "$node" 2>/dev/null || true; wait "$node" 2>/dev/null || true; }
+trap stop EXIT INT TERM
+
+# Wait for the health check (at most 30 s), then show it.
+health=""
+for _ in $(seq 1 300); do
+  if ! kill -0 "$node" 2>/dev/null; then
+    wait "$node" || true
+    echo "quickstart: the node exited before answering its health check" >&2
+    trap - EXIT
+    exit 1
+  fi
+  if health=$(.venv/bin/python - "$url/health" <<'PY'
+import sys, httpx
+try:
+    r = httpx.get(sys.argv[1], timeout=1.0)
+except httpx.HTTPError:
+    sys.exit(1)
+print(r.text)
+sys.exit(0 if r.status_code == 200 else 1)
+PY
+  ); then
+    break
+  fi
+  health=""
+  sleep 0.1
+done
+if [[ -z "$health" ]]; then
+  echo "quickstart: no healthy answer from $url/health within 30 s" >&2
+  exit 1
+fi
+echo "quickstart: GET $url/health -> $health"
+
+if ((once)); then
+  echo "quickstart: stopping the node (--once)"
+  exit 0
+fi
+echo "quickstart: the node keeps running; press Ctrl-C to stop it"
+wait "$node"

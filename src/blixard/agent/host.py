@@ -1,0 +1,30 @@
+"""What this host offers, read from the kernel: CPUs, memory, disk.
+
+The drivers' fingerprints (hypervisors, KVM) come with the drivers; these are
+the facts every node has, so a node record is truthful from its first start.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+from blixard.domain.node import Resources
+
+
+def memory_mib(meminfo: Path = Path("/proc/meminfo")) -> int:
+    for line in meminfo.read_text().splitlines():
+        if line.startswith("MemTotal:"):
+            return int(line.split()[1]) // 1024
+    return 0
+
+
+def host_capacity(data_dir: Path) -> Resources:
+    """CPUs, memory and the disk space of the file system holding ``data_dir``."""
+    disk = shutil.disk_usage(data_dir)
+    return Resources(
+        vcpus=os.cpu_count() or 1,
+        memory_mib=memory_mib(),
+        disk_mib=disk.total // (1024 * 1024),
+    )
