@@ -1,5 +1,5 @@
 """`python -m blixard`: the same as the `blixard` command."""
 
-from blixard.cli.main import main
+from blixard.daemon.commands import main
 
 main()

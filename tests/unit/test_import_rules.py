@@ -118,7 +118,7 @@ def test_forbidden_imports_are_reported(tmp_path: Path) -> None:
             "cli/main.py": "import importlib\nimportlib.import_module('blixard.store')\n",
             # sim may import everything but api and cli
             "sim/cluster.py": "from blixard.api import app\n",
-            "__main__.py": "from blixard.daemon import main\n",
+            "__main__.py": "from blixard.store import main\n",
         },
     )
     (root / "__init__.py").write_text("from . import domain\n")
@@ -128,7 +128,7 @@ def test_forbidden_imports_are_reported(tmp_path: Path) -> None:
     expected = sorted(
         [
             "src/blixard/__init__.py:1: blixard.__init__ may not import blixard.domain",
-            "src/blixard/__main__.py:1: blixard.__main__ may not import blixard.daemon",
+            "src/blixard/__main__.py:1: blixard.__main__ may not import blixard.store",
             "src/blixard/api/app.py:1: api may not import sqlite3",
             "src/blixard/cli/main.py:2: cli may not import blixard.store",
             "src/blixard/client/http.py:1: client may not import blixard.cli",
