@@ -146,6 +146,17 @@ class Member:
     is_learner: bool = False
 
 
+class ClusterNotReady(StoreUnavailable):
+    """etcd refused a membership change because too few members are healthy *long enough*.
+
+    etcd counts only members connected for its health interval (5 s) toward the
+    quorum a new member needs, so joins right after another join are refused,
+    definitely (nothing was proposed), and may simply be tried again.
+    """
+
+    code = "cluster_not_ready"
+
+
 class _EtcdAnswer(Exception):
     """An error answer from etcd (before mapping to the blixard error tree)."""
 
@@ -254,6 +265,10 @@ class EtcdStore:
             resp = await self._client.post(url, json=body, headers=_REQUIRE_LEADER)
         except (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout) as exc:
             raise _NotSent(f"{self.endpoints[index]}: {exc}") from exc
+        except ssl.SSLError as exc:
+            # A refused TLS handshake (TLS 1.3 reports a refused client certificate
+            # on the first read): etcd never saw an HTTP request.
+            raise _NotSent(f"{self.endpoints[index]}: TLS: {exc}") from exc
         except httpx.TransportError as exc:
             raise StoreUnavailable(
                 f"etcd {self.endpoints[index]}: {type(exc).__name__}: {exc}"
@@ -320,6 +335,8 @@ class EtcdStore:
             return Compacted(0, 0)
         if exc.code in (_INVALID_ARGUMENT, _OUT_OF_RANGE, _FAILED_PRECONDITION):
             return ValidationError("request", f"etcd refused it: {msg}")
+        if exc.code == _UNAVAILABLE and "unhealthy cluster" in msg:
+            return ClusterNotReady(f"etcd: {msg}")
         if exc.code in (_UNAVAILABLE, _DEADLINE_EXCEEDED):
             return StoreUnavailable(f"etcd: {msg}")
         return StoreError(f"etcd error {exc.code}: {msg}")
@@ -490,7 +507,7 @@ class EtcdStore:
                     if events:
                         yield events
                 raise _StreamBroken(f"{self.endpoints[index]}: watch stream ended")
-        except (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout) as exc:
+        except (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout, ssl.SSLError) as exc:
             raise _NotSent(f"{self.endpoints[index]}: {exc}") from exc
         except httpx.TransportError as exc:
             raise _StreamBroken(f"{self.endpoints[index]}: {type(exc).__name__}: {exc}") from exc

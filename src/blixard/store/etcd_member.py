@@ -20,16 +20,18 @@ import ctypes
 import os
 import shutil
 import signal
+import ssl
 import subprocess
 import time
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TypeVar
 
 import httpx
 
 from blixard.domain.errors import BlixardError, StoreUnavailable, ValidationError
-from blixard.store.etcd import EtcdStore, Member
+from blixard.store.etcd import ClusterNotReady, EtcdStore, Member, TlsConfig
 
 _PR_SET_PDEATHSIG = 1
 
@@ -41,6 +43,41 @@ def _die_with_parent() -> None:  # pragma: no cover - runs in the child between 
 
 class EtcdNotInstalled(BlixardError):
     code = "etcd_not_installed"
+
+
+@dataclass(frozen=True, slots=True)
+class MemberTls:
+    """TLS of a member's client and peer ports, with client certificates required.
+
+    One CA signs every member's certificate and every client's (Blixard nodes
+    and operators). The member's certificate must name 127.0.0.1/its host.
+    """
+
+    ca_file: Path
+    cert_file: Path
+    key_file: Path
+
+    def args(self) -> list[str]:
+        files = [
+            "--cert-file", str(self.cert_file),
+            "--key-file", str(self.key_file),
+            "--trusted-ca-file", str(self.ca_file),
+            "--client-cert-auth",
+            "--peer-cert-file", str(self.cert_file),
+            "--peer-key-file", str(self.key_file),
+            "--peer-trusted-ca-file", str(self.ca_file),
+            "--peer-client-cert-auth",
+        ]  # fmt: skip
+        return files
+
+    def client(self) -> TlsConfig:
+        """The member's own certificate also serves as a client certificate for probes."""
+        return TlsConfig(self.ca_file, self.cert_file, self.key_file)
+
+
+def member_data_dir(blixard_data_dir: Path, name: str) -> Path:
+    """Where a supervised member keeps its data: ``<blixard data dir>/etcd/<name>``."""
+    return blixard_data_dir / "etcd" / name
 
 
 @dataclass
@@ -59,6 +96,7 @@ class EtcdMember:
     heartbeat_ms: int = 100
     election_timeout_ms: int = 1000
     extra_args: list[str] = field(default_factory=list)
+    tls: MemberTls | None = None
     die_with_parent: bool = True
     _proc: subprocess.Popen[bytes] | None = field(default=None, init=False, repr=False)
 
@@ -96,6 +134,8 @@ class EtcdMember:
             "--logger", "zap",
             "--log-level", "warn",
         ]  # fmt: skip
+        if self.tls is not None:
+            args += self.tls.args()
         if initial_cluster is not None and not self.has_data():
             cluster = ",".join(f"{n}={u}" for n, u in initial_cluster.items())
             args += ["--initial-cluster", cluster, "--initial-cluster-state", state]
@@ -144,7 +184,7 @@ class EtcdMember:
                 "etcd_member",
                 f"{self.data_dir} already holds member data; remove it to join afresh",
             )
-        member, members = await store.member_add([self.peer_url])
+        member, members = await _until_ready(lambda: store.member_add([self.peer_url]), timeout_s)
         initial = {m.name or self.name: m.peer_urls[0] for m in members if m.peer_urls}
         self._spawn(initial, "existing")
         await self.wait_healthy(timeout_s)
@@ -154,7 +194,8 @@ class EtcdMember:
         """Wait until the member answers /health with a leader, or fail clearly."""
         deadline = time.monotonic() + timeout_s
         last = "no answer"
-        async with httpx.AsyncClient(timeout=1.0) as client:
+        verify: ssl.SSLContext | bool = self.tls.client().context() if self.tls else True
+        async with httpx.AsyncClient(timeout=1.0, verify=verify) as client:
             while time.monotonic() < deadline:
                 if self._proc is not None and self._proc.poll() is not None:
                     raise StoreUnavailable(
@@ -196,11 +237,26 @@ class EtcdMember:
             self._proc.wait()
 
 
-async def remove_member(store: EtcdStore, member_id: int) -> None:
+T = TypeVar("T")
+
+
+async def _until_ready(call: Callable[[], Awaitable[T]], timeout_s: float) -> T:
+    """Repeat a membership change etcd refused as "unhealthy cluster" (see ClusterNotReady)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            return await call()
+        except ClusterNotReady:
+            if time.monotonic() > deadline:
+                raise
+            await asyncio.sleep(0.5)
+
+
+async def remove_member(store: EtcdStore, member_id: int, timeout_s: float = 30.0) -> None:
     """Remove a member from the cluster; the last member can never be removed."""
     members = await store.member_list()
     if not any(m.id == member_id for m in members):
         raise ValidationError("member", f"etcd member {member_id:x} is not in the cluster")
     if len(members) <= 1:
         raise ValidationError("member", "cannot remove the last member of the etcd cluster")
-    await store.member_remove(member_id)
+    await _until_ready(lambda: store.member_remove(member_id), timeout_s)
