@@ -22,8 +22,9 @@ Rules (an arrow = may import; a layer may always import from itself):
 Decisions this checker makes where DESIGN.md is silent:
 
 * ``blixard/__init__.py`` imports nothing of blixard; ``blixard/__main__.py`` may import
-  ``cli`` and ``daemon`` (the console entry point lives in the daemon, the composition root). Any other file directly in SRC_ROOT, and any folder that is not a layer
-  above, is itself reported: new code must go in a layer, or the table must grow.
+  ``cli`` and ``daemon`` (the console entry point lives in daemon, the composition root).
+  Any other file directly in SRC_ROOT, and any folder that is not a layer above, is itself
+  reported: new code must go in a layer, or the table must grow.
 * The root package ``blixard`` itself (``import blixard``, ``from blixard import __version__``)
   may be imported by every layer: its ``__init__`` is held to import nothing, so it cannot
   leak one layer into another. Nothing may import ``blixard.__main__``.
