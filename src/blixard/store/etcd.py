@@ -61,6 +61,7 @@ from blixard.store.protocol import (
     TxnOp,
     TxnResult,
     check_key,
+    check_lease_id,
     check_revision,
     check_ttl,
     check_txn,
@@ -368,7 +369,7 @@ class EtcdStore:
     async def put(self, key: str, value: bytes, *, lease: int = 0) -> int:
         raw_key = check_key(key)
         raw_value = check_value(value)
-        check_revision(lease, "lease")
+        check_lease_id(lease)
         body: dict[str, Any] = {"key": _b64(raw_key), "value": _b64(raw_value)}
         if lease:
             body["lease"] = str(lease)
@@ -522,7 +523,7 @@ class EtcdStore:
         return Lease(id=_int(data, "ID"), ttl_s=_int(data, "TTL"))
 
     async def lease_keepalive(self, lease_id: int) -> int:
-        check_revision(lease_id, "lease_id")
+        check_lease_id(lease_id, "lease_id")
         data = await self._call("/v3/lease/keepalive", {"ID": str(lease_id)}, idempotent=True)
         ttl = _int(data.get("result", data), "TTL")
         if ttl <= 0:
@@ -530,7 +531,7 @@ class EtcdStore:
         return ttl
 
     async def lease_revoke(self, lease_id: int) -> None:
-        check_revision(lease_id, "lease_id")
+        check_lease_id(lease_id, "lease_id")
         with contextlib.suppress(LeaseNotFound):
             await self._call("/v3/lease/revoke", {"ID": str(lease_id)}, idempotent=True)
 

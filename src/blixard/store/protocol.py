@@ -30,6 +30,10 @@ MAX_KEY_BYTES = 1024
 #: Largest value accepted, in bytes: etcd's default request limit is 1.5 MiB,
 #: and a value must fit in one request together with its key and framing.
 MAX_VALUE_BYTES = 1_400_000
+#: Most operations in one transaction branch: etcd's default ``--max-txn-ops``.
+MAX_TXN_OPS = 128
+#: Lease ids are etcd's int64, positive.
+MAX_LEASE_ID = 2**63 - 1
 #: Default bound on every store call, in seconds.
 DEFAULT_TIMEOUT_S = 5.0
 
@@ -187,14 +191,22 @@ class StateStore(Protocol):
         ``from_revision=0`` means "from now on". The stream survives reconnects
         without losing or repeating events; it raises :class:`Compacted` if
         ``from_revision`` (or the resume point) is older than the history kept.
+        It ends (without error) when the store is closed.
         """
+        ...
+
+    async def head_revision(self) -> int:
+        """The store's current revision."""
         ...
 
     async def compact(self, revision: int) -> None:
         """Drop history older than ``revision`` (watches from before it fail)."""
         ...
 
-    async def lease_grant(self, ttl_s: int) -> Lease: ...
+    async def lease_grant(self, ttl_s: int) -> Lease:
+        """A new lease. Its TTL may be longer than asked: etcd raises TTLs below
+        its floor (1.5 x the election timeout, 2 s by default)."""
+        ...
 
     async def lease_keepalive(self, lease_id: int) -> int:
         """Renew a lease; returns its TTL. Raises LeaseNotFound once it expired."""
@@ -257,6 +269,19 @@ def check_revision(revision: int, field_name: str = "revision") -> int:
     return revision
 
 
+def check_lease_id(lease_id: int, field_name: str = "lease") -> int:
+    """0 means "no lease" where a lease is optional; ids are positive int64."""
+    if (
+        not isinstance(lease_id, int)
+        or isinstance(lease_id, bool)
+        or not 0 <= lease_id <= MAX_LEASE_ID
+    ):
+        raise ValidationError(
+            field_name, f"must be a lease id between 1 and 2^63-1, got {lease_id!r}"
+        )
+    return lease_id
+
+
 def check_compare(compare: Compare) -> None:
     check_key(compare.key, "compare.key")
     if compare.target not in ("mod", "create", "version", "value", "lease"):
@@ -273,7 +298,7 @@ def check_op(op: TxnOp) -> None:
     if isinstance(op, Put):
         check_key(op.key)
         check_value(op.value)
-        check_revision(op.lease, "lease")
+        check_lease_id(op.lease)
     elif isinstance(op, Delete | Get):
         check_key(op.key)
     else:
@@ -304,14 +329,25 @@ def check_txn(
         if not isinstance(compare, Compare):
             raise ValidationError("txn.compares", f"unknown compare {type(compare).__name__}")
         check_compare(compare)
+    if len(compares) > MAX_TXN_OPS:
+        raise ValidationError(
+            "txn.compares", f"has {len(compares)} entries; the limit is {MAX_TXN_OPS}"
+        )
     for branch_name, branch in (("success", success), ("failure", failure)):
+        if len(branch) > MAX_TXN_OPS:
+            raise ValidationError(
+                f"txn.{branch_name}", f"has {len(branch)} operations; the limit is {MAX_TXN_OPS}"
+            )
         puts: set[str] = set()
         deletes: list[Delete] = []
         for op in branch:
             check_op(op)
             if isinstance(op, Put):
                 if op.key in puts:
-                    raise ValidationError(f"txn.{branch_name}", f"key {op.key!r} is written twice")
+                    raise ValidationError(
+                        f"txn.{branch_name}",
+                        f"duplicate key given in txn request: {op.key!r} is written twice",
+                    )
                 puts.add(op.key)
             elif isinstance(op, Delete):
                 deletes.append(op)
@@ -319,5 +355,6 @@ def check_txn(
             for key in puts:
                 if key == d.key or (d.prefix and key.startswith(d.key)):
                     raise ValidationError(
-                        f"txn.{branch_name}", f"key {key!r} is both put and deleted"
+                        f"txn.{branch_name}",
+                        f"duplicate key given in txn request: {key!r} is both put and deleted",
                     )
