@@ -250,3 +250,35 @@ def test_instance_status_tolerates_newer_fields() -> None:
     inst = parse(Instance, data)
     assert inst.status.state is ObservedState.RUNNING
     assert inst.status.epoch == 3
+
+
+def test_process_hypervisor_runs_a_command() -> None:
+    vm = parse(VM, vm_with(hypervisor="process", boot={"command": ["/bin/sleep", "60"]}))
+    assert vm.spec.boot.kind == "command" and vm.spec.boot.command == ["/bin/sleep", "60"]
+    assert vm.spec.running is True and vm.spec.restart_generation == 0
+    assert vm.spec.accel.value == "auto" and vm.spec.boot_timeout_s == 60.0
+
+
+@pytest.mark.parametrize(
+    ("spec", "field", "reason_part"),
+    [
+        ({"hypervisor": "process"}, "spec.boot", "the process hypervisor runs boot.command"),
+        ({"boot": {"command": ["/bin/true"]}}, "spec.hypervisor", "only on the process"),
+        ({"hypervisor": "process", "boot": {"command": []}}, "spec.boot.command", "at least 1"),
+        (
+            {"hypervisor": "process", "boot": {"command": ["/bin/echo", "a\nb"]}},
+            "spec.boot.command[1]",
+            "newline",
+        ),
+        ({"boot": {"command": ["/x"], "kernel": "/k"}}, "spec.boot", "got kernel and command"),
+        ({"accel": "hvf"}, "spec.accel", "'auto', 'kvm' or 'tcg'"),
+        ({"boot_timeout_s": "forever"}, "spec.boot_timeout_s", ""),
+        ({"boot_timeout_s": 0}, "spec.boot_timeout_s", ""),
+        ({"ready_line": ""}, "spec.ready_line", "at least 1"),
+        ({"restart_generation": -1}, "spec.restart_generation", "greater than or equal"),
+    ],
+)
+def test_bad_runtime_fields(spec: dict[str, Any], field: str, reason_part: str) -> None:
+    err = refused(vm_with(**spec))
+    assert err.field == field
+    assert reason_part in err.reason

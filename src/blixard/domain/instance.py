@@ -49,6 +49,9 @@ class InstanceSpec(SpecModel):
     node: Name | None = None
     epoch: int = Field(default=0, ge=0, strict=True)
     desired_state: DesiredState = DesiredState.RUNNING
+    #: Copied from the VM's restart_generation; the agent restarts the task when
+    #: it exceeds the generation it last applied (``status.restart_generation``).
+    restart_generation: int = Field(default=0, ge=0, strict=True)
     assigned_at: AwareDatetime | None = None
 
 
@@ -64,6 +67,11 @@ class InstanceStatus(StatusModel):
     epoch: int = 0
     message: str = ""
     restarts: int = 0
+    restart_generation: int = 0
+    #: Where the task runs on its node, as the driver reports it (pid, sockets, log).
+    handle: dict[str, str] = Field(default_factory=dict)
+    ready: bool = False
+    exit_code: int | None = None
     started_at: AwareDatetime | None = None
     updated_at: AwareDatetime | None = None
 

@@ -131,13 +131,37 @@ Cmdline = Annotated[str, BeforeValidator(bridge(validate_cmdline))]
 ImageRef = Annotated[str, BeforeValidator(bridge(validate_image_ref))]
 FlakeRef = Annotated[str, BeforeValidator(bridge(validate_flake_ref))]
 BackoffS = Annotated[float, duration_s(maximum_s=86_400.0), DURATION_SCHEMA]
+BootTimeoutS = Annotated[float, duration_s(maximum_s=3600.0), DURATION_SCHEMA]
+
+
+def validate_command_arg(value: Any, field: str) -> str:
+    """One argv element: a string without NUL or newlines, at most 4096 characters."""
+    if not isinstance(value, str):
+        raise ValidationError(field, f"must be a string, got {value!r}")
+    if len(value) > MAX_CMDLINE:
+        raise ValidationError(field, f"must be at most {MAX_CMDLINE} characters")
+    if "\x00" in value or "\n" in value:
+        raise ValidationError(field, "must not contain NUL or newline characters")
+    return value
+
+
+CommandArg = Annotated[str, BeforeValidator(bridge(validate_command_arg))]
+
+
+class Accel(StrEnum):
+    """QEMU's accelerator. ``auto`` uses KVM only where a probe guest booted with it."""
+
+    AUTO = "auto"
+    KVM = "kvm"
+    TCG = "tcg"
 
 
 class BootSource(SpecModel):
-    """How the guest boots: exactly one of ``kernel``, ``image`` or ``flake``.
+    """How the guest boots: exactly one of ``kernel``, ``image``, ``flake`` or ``command``.
 
     ``initrd``, ``disk`` and ``cmdline`` go with ``kernel`` only: an image and a
-    flake bring their own.
+    flake bring their own. ``command`` is the workload of the ``process``
+    hypervisor: an argv run as a supervised process instead of a guest.
     """
 
     kernel: HostPath | None = None
@@ -146,15 +170,17 @@ class BootSource(SpecModel):
     cmdline: Cmdline | None = None
     image: ImageRef | None = None
     flake: FlakeRef | None = None
+    command: list[CommandArg] | None = Field(default=None, min_length=1, max_length=256)
 
     @model_validator(mode="after")
     def _exactly_one(self) -> BootSource:
-        given = [name for name in ("kernel", "image", "flake") if getattr(self, name) is not None]
+        sources = ("kernel", "image", "flake", "command")
+        given = [name for name in sources if getattr(self, name) is not None]
         if len(given) != 1:
             got = " and ".join(given) if given else "none"
             raise refuse(
                 "needs exactly one boot source: kernel (with optional initrd, disk and "
-                f"cmdline), image, or flake; got {got}"
+                f"cmdline), image, flake, or command; got {got}"
             )
         if self.kernel is None:
             extras = [n for n in ("initrd", "disk", "cmdline") if getattr(self, n) is not None]
@@ -165,10 +191,12 @@ class BootSource(SpecModel):
         return self
 
     @property
-    def kind(self) -> Literal["kernel", "image", "flake"]:
+    def kind(self) -> Literal["kernel", "image", "flake", "command"]:
         """Which boot source this is."""
         if self.kernel is not None:
             return "kernel"
+        if self.command is not None:
+            return "command"
         return "image" if self.image is not None else "flake"
 
 
@@ -202,6 +230,31 @@ class VMSpec(SpecModel):
     placement: Placement = Field(default_factory=Placement)
     restart: RestartPolicy = Field(default_factory=RestartPolicy)
     fencing: Fencing = Fencing.STOP
+    #: Desired power state: ``vm stop`` sets it false, ``vm start`` true.
+    running: bool = True
+    #: Bumped by ``vm restart``; an instance restarts when its applied count is lower.
+    restart_generation: int = Field(default=0, ge=0, strict=True)
+    accel: Accel = Accel.AUTO
+    #: A boot that shows no ready line (or, without one, no console output) within
+    #: this time is failed, its process killed, and the restart policy applies.
+    boot_timeout_s: BootTimeoutS = 60.0
+    #: Text whose appearance on the serial console (or process output) means "ready".
+    ready_line: str | None = Field(default=None, min_length=1, max_length=256)
+
+    @model_validator(mode="after")
+    def _process_runs_commands(self) -> VMSpec:
+        is_command = self.boot.command is not None
+        if self.hypervisor is Hypervisor.PROCESS and not is_command:
+            raise refuse(
+                f"the process hypervisor runs boot.command; give a command, not {self.boot.kind}",
+                subfield="boot",
+            )
+        if is_command and self.hypervisor is not Hypervisor.PROCESS:
+            raise refuse(
+                f"boot.command runs only on the process hypervisor, not {self.hypervisor.value}",
+                subfield="hypervisor",
+            )
+        return self
 
 
 class VMPhase(StrEnum):
