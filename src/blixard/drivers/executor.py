@@ -1,0 +1,274 @@
+"""Run a workload so it outlives the agent and its exit status is never lost.
+
+Each task runs under a tiny shim (Python's ``-I -S``, no Blixard imports, about
+10 ms to start) in a session of its own: the shim forks the workload with its
+output appended to a log file, forwards SIGTERM/SIGINT/SIGHUP to it, waits for
+it and writes ``exit <code>`` or ``signal <n>`` to an exit file. So:
+
+* the agent can restart while tasks keep running (no parent-death signal);
+* a restarted agent re-attaches by pid, checked against the kernel's start
+  time of that pid so a recycled pid is never mistaken for the task;
+* the exit status of a task that ended while no agent was watching is still
+  on disk; a task killed with SIGKILL (shim included) reads as killed.
+
+Waiting uses a pidfd (Linux >= 5.3), which works for processes that are not
+our children, so there is no polling for exits.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+from collections.abc import AsyncIterator, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+_SHIM = r"""
+import os, signal, sys
+exit_file, log_path, argv = sys.argv[1], sys.argv[2], sys.argv[3:]
+fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o640)
+null = os.open(os.devnull, os.O_RDONLY)
+pid = os.fork()
+if pid == 0:
+    os.dup2(null, 0); os.dup2(fd, 1); os.dup2(fd, 2)
+    try:
+        os.execvp(argv[0], argv)
+    except OSError as exc:
+        os.write(2, ("blixard: cannot run %r: %s\n" % (argv[0], exc.strerror)).encode())
+        os._exit(127)
+def forward(sig, frame):
+    try:
+        os.kill(pid, sig)
+    except ProcessLookupError:
+        pass
+for s in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+    signal.signal(s, forward)
+while True:
+    try:
+        _, status = os.waitpid(pid, 0)
+        break
+    except InterruptedError:
+        continue
+if os.WIFSIGNALED(status):
+    text = "signal %d" % os.WTERMSIG(status)
+else:
+    text = "exit %d" % os.WEXITSTATUS(status)
+tmp = exit_file + ".tmp"
+with open(tmp, "w") as f:
+    f.write(text)
+    f.flush()
+    os.fsync(f.fileno())
+os.rename(tmp, exit_file)
+"""
+
+
+@dataclass(frozen=True, slots=True)
+class Exit:
+    """How a task ended: ``code`` for a normal exit, ``signal`` if a signal killed it."""
+
+    code: int | None
+    signal: int | None
+
+    @property
+    def failed(self) -> bool:
+        return self.code != 0
+
+
+def pid_start_ticks(pid: int) -> int | None:
+    """The kernel's start time of ``pid`` (field 22 of /proc/<pid>/stat), None if gone/zombie."""
+    try:
+        raw = Path(f"/proc/{pid}/stat").read_text()
+    except (FileNotFoundError, ProcessLookupError):
+        return None
+    # The command name (field 2) may hold spaces and parentheses: split after the last ')'.
+    fields = raw[raw.rindex(")") + 2 :].split()
+    if fields[0] == "Z":  # exited, not yet reaped
+        return None
+    return int(fields[19])
+
+
+def alive(pid: int, start_ticks: int) -> bool:
+    return pid_start_ticks(pid) == start_ticks
+
+
+@dataclass(frozen=True, slots=True)
+class Spawned:
+    pid: int
+    start_ticks: int
+
+
+def spawn(
+    argv: Sequence[str],
+    *,
+    log_path: Path,
+    exit_path: Path,
+    cwd: Path | None = None,
+    env: Mapping[str, str] | None = None,
+) -> Spawned:
+    """Start ``argv`` under the shim in a new session; returns the shim's pid.
+
+    Signals sent to the shim reach the workload; SIGKILL to the process
+    group (``kill_group``) ends both.
+    """
+    with contextlib.suppress(FileNotFoundError):
+        exit_path.unlink()
+    proc = subprocess.Popen(
+        [sys.executable, "-I", "-S", "-c", _SHIM, str(exit_path), str(log_path), *argv],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+        cwd=cwd,
+        env=dict(env) if env is not None else None,
+    )
+    # The agent does not wait() on the shim through Popen; reap it when it exits so
+    # it never lingers as a zombie while this agent lives.
+    _REAPER.add(proc)
+    ticks = pid_start_ticks(proc.pid)
+    if ticks is None:  # it died at once (e.g. a broken interpreter)
+        proc.wait()
+        raise OSError(f"the task shim exited at once with code {proc.returncode}")
+    return Spawned(proc.pid, ticks)
+
+
+class _Reaper:
+    """Keeps our own shims' Popen objects so their exits are reaped."""
+
+    def __init__(self) -> None:
+        self._procs: dict[int, subprocess.Popen[bytes]] = {}
+
+    def add(self, proc: subprocess.Popen[bytes]) -> None:
+        self._procs[proc.pid] = proc
+
+    def reap(self, pid: int) -> None:
+        proc = self._procs.pop(pid, None)
+        if proc is not None:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.wait(timeout=1)
+
+
+_REAPER = _Reaper()
+
+
+def read_exit(exit_path: Path) -> Exit:
+    """The recorded exit; a task whose shim left no record was killed (SIGKILL)."""
+    try:
+        kind, _, value = exit_path.read_text().partition(" ")
+    except FileNotFoundError:
+        return Exit(code=None, signal=signal.SIGKILL)
+    if kind == "signal":
+        return Exit(code=None, signal=int(value))
+    return Exit(code=int(value), signal=None)
+
+
+async def wait_exit(pid: int, start_ticks: int, exit_path: Path) -> Exit:
+    """Wait until the task ends, then return its recorded exit."""
+    if alive(pid, start_ticks):
+        try:
+            pidfd = os.pidfd_open(pid)
+        except ProcessLookupError:
+            pidfd = -1
+        if pidfd >= 0:
+            try:
+                if alive(pid, start_ticks):  # the pid could have been recycled before the open
+                    loop = asyncio.get_running_loop()
+                    done: asyncio.Future[None] = loop.create_future()
+
+                    def exited() -> None:
+                        if not done.done():
+                            done.set_result(None)
+
+                    loop.add_reader(pidfd, exited)
+                    try:
+                        await done
+                    finally:
+                        loop.remove_reader(pidfd)
+            finally:
+                os.close(pidfd)
+    _REAPER.reap(pid)
+    return read_exit(exit_path)  # written by the shim before it exits
+
+
+def signal_task(pid: int, start_ticks: int, sig: int) -> bool:
+    """Send ``sig`` to the shim (which forwards it); False if the task is gone."""
+    if not alive(pid, start_ticks):
+        return False
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, sig)
+    return True
+
+
+def kill_group(pid: int, start_ticks: int) -> None:
+    """SIGKILL the shim and the workload (one process group)."""
+    if alive(pid, start_ticks):
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(pid, signal.SIGKILL)
+
+
+def _read_from(path: Path, offset: int, size: int = -1) -> bytes:
+    """Bytes of a local log file from ``offset`` (microseconds from the page cache)."""
+    try:
+        with open(path, "rb") as f:
+            f.seek(offset)
+            return f.read(size)
+    except FileNotFoundError:
+        return b""
+
+
+async def wait_for_output(
+    log_path: Path,
+    *,
+    needle: str | None,
+    timeout_s: float,
+    pid: int,
+    start_ticks: int,
+    poll_s: float = 0.01,
+) -> bool:
+    """Wait until ``needle`` (or, if None, any output) appears in the log.
+
+    False on timeout or if the task exits first. The log is read in chunks
+    from where the last read stopped, so a long console costs nothing.
+    """
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout_s
+    offset = 0
+    tail = b""
+    want = needle.encode() if needle else None
+    while True:
+        chunk = _read_from(log_path, offset)
+        if chunk:
+            offset += len(chunk)
+            if want is None:
+                return True
+            window = tail + chunk
+            if want in window:
+                return True
+            tail = window[-len(want) :]
+        if not alive(pid, start_ticks) or loop.time() >= deadline:
+            return False
+        await asyncio.sleep(poll_s)
+
+
+async def follow_log(
+    log_path: Path, *, follow: bool, pid: int, start_ticks: int, poll_s: float = 0.1
+) -> AsyncIterator[bytes]:
+    """The log from its start; with ``follow``, keep going until the task exits."""
+    offset = 0
+    finishing = not follow
+    while True:
+        # Decide before reading whether this is the last pass, so output written
+        # just before the task exited is still read.
+        if not finishing and not alive(pid, start_ticks):
+            finishing = True
+        chunk = _read_from(log_path, offset, 1 << 16)
+        if chunk:
+            offset += len(chunk)
+            yield chunk
+            continue
+        if finishing:
+            return
+        await asyncio.sleep(poll_s)
