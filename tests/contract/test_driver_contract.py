@@ -171,3 +171,19 @@ async def test_follow_streams_until_exit(
     await case.driver.stop(handle, timeout_s=10)
     await asyncio.wait_for(follower, 10)
     assert case.ready_line.encode() in b"".join(chunks)
+
+
+async def test_strays_of_an_interrupted_start_are_found_and_killed(
+    case: DriverCase, tmp_path: Path, started: list[TaskHandle]
+) -> None:
+    run_dir = tmp_path / "run"
+    handle = await case.driver.start("t-0", case.spec(), run_dir)
+    started.append(handle)
+    other = await case.driver.start("t-1", case.spec(), tmp_path / "run-other")
+    started.append(other)
+    # The agent "forgot" the handle of t-0 (it died before recording it).
+    assert executor.kill_strays(run_dir) == 1
+    status = await case.driver.wait(handle)
+    assert status.state is TaskState.EXITED
+    assert processes_in(run_dir) == 0
+    assert (await case.driver.inspect(other)).state is TaskState.RUNNING  # untouched

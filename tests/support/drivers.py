@@ -52,6 +52,8 @@ def workload_pid(handle: TaskHandle) -> int:
 def processes_in(run_dir: Path) -> int:
     """How many live processes have ``run_dir`` on their command line (duplicate check)."""
     count = 0
+    exact = str(run_dir).encode()
+    inside = exact + b"/"
     for proc in Path("/proc").iterdir():
         if not proc.name.isdigit():
             continue
@@ -60,6 +62,8 @@ def processes_in(run_dir: Path) -> int:
             state = (proc / "stat").read_text().rsplit(")", 1)[1].split()[0]
         except (FileNotFoundError, ProcessLookupError, IndexError):
             continue
-        if str(run_dir).encode() in cmdline and state != "Z":
+        args = cmdline.split(b"\0")
+        mentions = any(a == exact or inside in a for a in args)
+        if mentions and state != "Z":
             count += 1
     return count

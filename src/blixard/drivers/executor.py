@@ -272,3 +272,28 @@ async def follow_log(
         if finishing:
             return
         await asyncio.sleep(poll_s)
+
+
+def kill_strays(run_dir: Path) -> int:
+    """Kill every task whose shim was started for ``run_dir``; returns how many.
+
+    An agent that died between spawning a task and recording its handle
+    leaves a task nobody knows. Every shim's command line names its exit file
+    inside the run directory, so a restarted agent finds such strays there and
+    ends them before starting the instance again: never two copies.
+    """
+    needle = str(run_dir).encode() + b"/"
+    killed = 0
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            argv = (proc / "cmdline").read_bytes().split(b"\0")
+        except (FileNotFoundError, ProcessLookupError, PermissionError):
+            continue
+        # A shim: <python> -I -S -c <program> <exit file> <log file> <argv...>
+        if argv[1:4] == [b"-I", b"-S", b"-c"] and len(argv) > 5 and argv[5].startswith(needle):
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(int(proc.name), signal.SIGKILL)
+                killed += 1
+    return killed

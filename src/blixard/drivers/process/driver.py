@@ -101,8 +101,8 @@ class ProcessDriver:
 
     async def inspect(self, handle: TaskHandle) -> TaskStatus:
         if executor.alive(handle.pid, handle.pid_start_ticks):
-            state = _proc_state(handle.pid)
-            return TaskStatus(TaskState.PAUSED if state == "T" else TaskState.RUNNING)
+            paused = _group_stopped(handle.pid)
+            return TaskStatus(TaskState.PAUSED if paused else TaskState.RUNNING)
         _, exit_path = _paths(handle)
         return _exited(executor.read_exit(exit_path))
 
@@ -141,12 +141,23 @@ class ProcessDriver:
         )
 
     async def pause(self, handle: TaskHandle) -> None:
-        if not _signal_group(handle, signal.SIGSTOP):
-            raise TaskGone(f"{handle.instance}: the process is not running")
+        """SIGSTOP the task's group; returns once the workload is really stopped."""
+        await self._signal_and_settle(handle, signal.SIGSTOP, stopped=True)
 
     async def resume(self, handle: TaskHandle) -> None:
-        if not _signal_group(handle, signal.SIGCONT):
+        await self._signal_and_settle(handle, signal.SIGCONT, stopped=False)
+
+    async def _signal_and_settle(self, handle: TaskHandle, sig: int, *, stopped: bool) -> None:
+        if not _signal_group(handle, sig):
             raise TaskGone(f"{handle.instance}: the process is not running")
+        # Signals are delivered asynchronously: wait (briefly) until the state shows it.
+        for _ in range(200):
+            if _group_stopped(handle.pid) == stopped:
+                return
+            await asyncio.sleep(0.005)
+        raise DriverError(
+            f"{handle.instance}: the process did not {'stop' if stopped else 'resume'}"
+        )
 
 
 def _signal_group(handle: TaskHandle, sig: int) -> bool:
@@ -162,16 +173,22 @@ def _signal_group(handle: TaskHandle, sig: int) -> bool:
     return True
 
 
-def _proc_state(pid: int) -> str:
-    """The state letter of the workload under the shim (T = stopped), else the shim's."""
-    try:
-        children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
-    except FileNotFoundError:
-        children = []
-    for candidate in [*children, str(pid)]:
-        try:
-            raw = Path(f"/proc/{candidate}/stat").read_text()
-        except FileNotFoundError:
+def _group_stopped(pgid: int) -> bool:
+    """True when no process of the task's group can run.
+
+    Every member must be stopped ("T"/"t") or, like a shell parent waiting
+    in vfork for a stopped child, blocked ("D") behind one; at least one must
+    be stopped.
+    """
+    states = []
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
             continue
-        return raw[raw.rindex(")") + 2 :].split()[0]
-    return "?"
+        try:
+            raw = (proc / "stat").read_text()
+        except (FileNotFoundError, ProcessLookupError):
+            continue
+        fields = raw[raw.rindex(")") + 2 :].split()
+        if int(fields[2]) == pgid:
+            states.append(fields[0])
+    return any(st in ("T", "t") for st in states) and all(st in ("T", "t", "D") for st in states)
