@@ -421,7 +421,8 @@ class SqliteStore:
         self._closed = True
         future = asyncio.get_running_loop().run_in_executor(self._executor, self._job_close)
         try:
-            await asyncio.wait_for(asyncio.shield(future), self._timeout_s + _CLOSE_GRACE_S)
+            async with asyncio.timeout(self._timeout_s + _CLOSE_GRACE_S):
+                await asyncio.shield(future)
         except TimeoutError:
             log.warning("store %s: the worker did not finish in time; closing anyway", self._path)
         except Exception as exc:
@@ -440,7 +441,8 @@ class SqliteStore:
             self._executor, self._run_job, deadline, job, needs_conn
         )
         try:
-            return await asyncio.wait_for(future, self._timeout_s)
+            async with asyncio.timeout(self._timeout_s):
+                return await future
         except TimeoutError:
             raise StoreUnavailable(
                 f"store {self._path} did not answer within {self._timeout_s:g}s; "
