@@ -1,9 +1,15 @@
-"""The node's HTTP API. For now: the health check; the resource API grows here.
+"""The node's HTTP API: health, VMs, instances, nodes.
 
 Health answers without a token (it is what load balancers and the quickstart
 probe) and says whether this node can reach its state store right now, within
 the store's own timeout: a node that cannot reach its store is not healthy,
-even if its HTTP server is.
+even if its HTTP server is. Every other path, the OpenAPI description
+included, needs a bearer token (see :mod:`blixard.api.auth`).
+
+What the API cannot know by itself is injected: the token authority, the
+source of task output (the agent), and which guest images this node has (the
+image builder). That keeps the API layer free of the agent and the drivers,
+as the import rules require, and lets tests pass plain functions.
 """
 
 from __future__ import annotations
@@ -15,8 +21,24 @@ from fastapi import FastAPI
 from fastapi.responses import JSONResponse
 
 from blixard import __version__
+from blixard.api.auth import BearerAuthMiddleware, TokenAuthority
+from blixard.api.checks import NodeFacts
+from blixard.api.errors import CatchAllMiddleware, install_error_handlers
+from blixard.api.instances import instances_router
+from blixard.api.logs import LogSource
+from blixard.api.nodes import nodes_router
+from blixard.api.openapi import install_openapi
+from blixard.api.vms import vms_router
 from blixard.domain.errors import StoreError
+from blixard.store.objects import ObjectStore
 from blixard.store.protocol import StateStore
+
+_TAGS = [
+    {"name": "health", "description": "Liveness of this node and its store (no token needed)."},
+    {"name": "vms", "description": "Long-lived VMs: desired state, written by users."},
+    {"name": "instances", "description": "Replicas of VMs, written by controllers and agents."},
+    {"name": "nodes", "description": "The hosts of the cluster and their liveness."},
+]
 
 
 def create_app(
@@ -25,10 +47,30 @@ def create_app(
     node_id: str,
     store_description: dict[str, Any],
     registered: Callable[[], bool],
+    auth: TokenAuthority,
+    logs: LogSource,
+    image_exists: Callable[[str], bool],
+    known_images: Callable[[], list[str]],
 ) -> FastAPI:
-    app = FastAPI(title="Blixard", version=__version__)
+    """The API of node ``node_id`` over ``store``.
 
-    @app.get("/health", tags=["health"])
+    ``logs(instance, follow)`` streams a task's output (NotFound if this node
+    has no such task); ``image_exists``/``known_images`` answer for the guest
+    images built on this node.
+    """
+    app = FastAPI(
+        title="Blixard",
+        version=__version__,
+        description="Orchestrates microVMs. Every route but `/health` needs "
+        '`Authorization: Bearer <token>`; errors are `{"error": {code, message, field?}}`.',
+        openapi_tags=_TAGS,
+    )
+    install_error_handlers(app)
+    # Added last = outermost: crashes anywhere, the token check included, answer in shape.
+    app.add_middleware(BearerAuthMiddleware, authority=auth)
+    app.add_middleware(CatchAllMiddleware)
+
+    @app.get("/health", tags=["health"], summary="Is this node serving and reaching its store?")
     async def health() -> JSONResponse:
         """200 when this node answers and reaches its state store; 503 otherwise."""
         body: dict[str, Any] = {
@@ -47,4 +89,10 @@ def create_app(
         body["store"]["revision"] = head.revision
         return JSONResponse(body, status_code=200 if body["registered"] else 503)
 
+    objects = ObjectStore(store)
+    facts = NodeFacts(node_id=node_id, image_exists=image_exists, known_images=known_images)
+    app.include_router(vms_router(objects, facts, logs))
+    app.include_router(instances_router(objects))
+    app.include_router(nodes_router(objects))
+    install_openapi(app)
     return app

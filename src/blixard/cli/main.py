@@ -2,20 +2,48 @@
 
 Exit codes, everywhere: 0 ok, 1 failed, 2 bad usage or bad input. Errors are
 one clear line on stderr naming the field and the reason; never a traceback.
+
+The command groups live in their own modules (``vm.py``, ``node.py``); this
+one assembles them and keeps the names the daemon's entry point imports
+(``app``, ``node_app``, ``err``, ``fail``, ``main``).
 """
 
 from __future__ import annotations
 
 import os
 import sys
-from collections.abc import Callable
-from typing import Any, TypeVar
 
 import typer
-from rich.console import Console
+from rich.markup import escape
 
 from blixard import __version__
-from blixard.domain.errors import BlixardError, ValidationError
+from blixard.cli.console import (
+    EXIT_FAILED,
+    EXIT_OK,
+    EXIT_USAGE,
+    err,
+    exit_code,
+    fail,
+    out,
+    print_error,
+)
+from blixard.cli.node import node_app
+from blixard.cli.vm import vm_app
+from blixard.domain.errors import BlixardError
+
+__all__ = [
+    "EXIT_FAILED",
+    "EXIT_OK",
+    "EXIT_USAGE",
+    "app",
+    "err",
+    "fail",
+    "main",
+    "node_app",
+    "out",
+    "print_error",
+    "vm_app",
+]
 
 app = typer.Typer(
     name="blixard",
@@ -23,20 +51,8 @@ app = typer.Typer(
     no_args_is_help=True,
     pretty_exceptions_enable=False,
 )
-node_app = typer.Typer(help="Run and inspect this node.", no_args_is_help=True)
 app.add_typer(node_app, name="node")
-
-err = Console(stderr=True, highlight=False)
-out = Console(highlight=False)
-
-EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
-F = TypeVar("F", bound=Callable[..., Any])
-
-
-def fail(exc: BlixardError) -> typer.Exit:
-    """Print a Blixard error as one line and pick its exit code."""
-    err.print(f"[red]error:[/red] {exc}", soft_wrap=True)
-    return typer.Exit(EXIT_USAGE if isinstance(exc, ValidationError) else EXIT_FAILED)
+app.add_typer(vm_app, name="vm")
 
 
 @app.command()
@@ -55,13 +71,13 @@ def main() -> None:
     try:
         app()
     except BlixardError as exc:  # anything a command did not catch itself
-        err.print(f"[red]error:[/red] {exc}", soft_wrap=True)
-        sys.exit(EXIT_FAILED)
+        print_error(exc)
+        sys.exit(exit_code(exc))
     except Exception as exc:
         if os.environ.get("BLIXARD_DEBUG") == "1":
             raise
         err.print(
-            f"[red]error:[/red] unexpected {type(exc).__name__}: {exc} "
+            f"[red]error:[/red] unexpected {type(exc).__name__}: {escape(str(exc))} "
             "(run with BLIXARD_DEBUG=1 for the traceback)",
             soft_wrap=True,
         )

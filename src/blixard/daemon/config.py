@@ -13,19 +13,12 @@ from typing import Any, Literal
 
 from pydantic import Field, field_validator
 
+from blixard.client.config import default_data_dir
 from blixard.domain.fields import Name
 from blixard.domain.meta import SpecModel
 from blixard.domain.parse import parse
 
 DEFAULT_API_PORT = 7400
-
-
-def default_data_dir() -> Path:
-    """/var/lib/blixard for root (as packaged), else a directory under the user's home."""
-    if os.geteuid() == 0:
-        return Path("/var/lib/blixard")
-    base = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
-    return Path(base) / "blixard"
 
 
 def default_node_id() -> str:

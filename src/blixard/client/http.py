@@ -1,0 +1,176 @@
+"""A typed, synchronous client of the Blixard API (httpx).
+
+Synchronous because its main user is the CLI, which does one thing at a time
+and polls; an async caller can run it in a thread. Every method returns
+domain models or raises a Blixard error: the API's error answers become the
+same classes as on the server (see :mod:`blixard.client.errors`), and a
+connection failure becomes :class:`ApiUnreachable` naming the URL.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any, TypeVar
+from urllib.parse import quote
+
+import httpx
+from pydantic import BaseModel
+
+from blixard.client.errors import ApiUnreachable, UnexpectedAnswer, error_from_response
+from blixard.client.models import Health, NodeDetails, VMDetails
+from blixard.domain.errors import BlixardError, ValidationError
+from blixard.domain.instance import Instance
+from blixard.domain.parse import parse
+from blixard.domain.vm import VM
+
+M = TypeVar("M", bound=BaseModel)
+DEFAULT_TIMEOUT_S = 10.0
+
+
+def _path(kind: str, name: str, action: str = "") -> str:
+    """``/v1/<kind>/<name>[/<action>]`` with the name quoted, so it stays one path segment."""
+    path = f"/v1/{kind}/{quote(name, safe='')}"
+    return f"{path}/{action}" if action else path
+
+
+class BlixardClient:
+    """``BlixardClient("http://127.0.0.1:7400", token)``; use as a context manager or close()."""
+
+    def __init__(self, base_url: str, token: str, timeout_s: float = DEFAULT_TIMEOUT_S) -> None:
+        self.base_url = base_url.rstrip("/")
+        self.timeout_s = timeout_s
+        self._http = httpx.Client(
+            base_url=self.base_url,
+            headers={"Authorization": f"Bearer {token}", "Accept": "application/json"},
+            timeout=timeout_s,
+        )
+
+    def __enter__(self) -> BlixardClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._http.close()
+
+    # ------------------------------------------------------------------ plumbing
+
+    def _request(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
+        try:
+            response = self._http.request(method, path, **kwargs)
+        except httpx.TransportError as exc:
+            raise self._unreachable(exc) from None
+        if response.status_code >= 400:
+            raise error_from_response(response)
+        return response
+
+    def _unreachable(self, exc: httpx.TransportError) -> BlixardError:
+        if isinstance(exc, httpx.TimeoutException):
+            return ApiUnreachable(
+                f"the Blixard API at {self.base_url} did not answer within {self.timeout_s:g}s"
+            )
+        if isinstance(exc, httpx.ConnectError):
+            return ApiUnreachable(
+                f"cannot reach the Blixard API at {self.base_url}: is `blixard node start` running?"
+            )
+        return ApiUnreachable(f"lost the connection to the Blixard API at {self.base_url}: {exc}")
+
+    @staticmethod
+    def _json(response: httpx.Response) -> Any:
+        try:
+            return response.json()
+        except ValueError:
+            raise UnexpectedAnswer(
+                f"the API answered {response.request.url} with something that is not JSON"
+            ) from None
+
+    def _model(self, cls: type[M], response: httpx.Response) -> M:
+        """Decode an answer; a mismatch is the server's (or version's) fault, never input."""
+        try:
+            return parse(cls, self._json(response))
+        except ValidationError as exc:
+            raise UnexpectedAnswer(
+                f"cannot read the API's answer to {response.request.url}: {exc}"
+            ) from None
+
+    def _items(self, cls: type[M], response: httpx.Response) -> list[M]:
+        body = self._json(response)
+        if not isinstance(body, dict) or not isinstance(body.get("items"), list):
+            raise UnexpectedAnswer(f"the API's answer to {response.request.url} has no items")
+        try:
+            return [parse(cls, item) for item in body["items"]]
+        except ValidationError as exc:
+            raise UnexpectedAnswer(
+                f"cannot read the API's answer to {response.request.url}: {exc}"
+            ) from None
+
+    # ------------------------------------------------------------------ routes
+
+    def health(self) -> Health:
+        """``GET /health``; a 503 (store unreachable, still starting) is an answer too."""
+        try:
+            response = self._http.get("/health")
+        except httpx.TransportError as exc:
+            raise self._unreachable(exc) from None
+        if response.status_code not in (200, 503):
+            raise error_from_response(response)
+        return self._model(Health, response)
+
+    def create_vm(self, document: dict[str, Any]) -> VM:
+        """``POST /v1/vms`` with a VM document (``metadata.name`` and ``spec``)."""
+        return self._model(VM, self._request("POST", "/v1/vms", json=document))
+
+    def list_vms(self) -> list[VMDetails]:
+        return self._items(VMDetails, self._request("GET", "/v1/vms"))
+
+    def get_vm(self, name: str) -> VMDetails:
+        return self._model(VMDetails, self._request("GET", _path("vms", name)))
+
+    def delete_vm(self, name: str) -> VM:
+        """Delete the VM record; answers the VM as it was."""
+        return self._model(VM, self._request("DELETE", _path("vms", name)))
+
+    def start_vm(self, name: str) -> VM:
+        return self._model(VM, self._request("POST", _path("vms", name, "start")))
+
+    def stop_vm(self, name: str) -> VM:
+        return self._model(VM, self._request("POST", _path("vms", name, "stop")))
+
+    def restart_vm(self, name: str) -> VM:
+        return self._model(VM, self._request("POST", _path("vms", name, "restart")))
+
+    def list_instances(self, vm: str | None = None) -> list[Instance]:
+        params = {"vm": vm} if vm is not None else None
+        return self._items(Instance, self._request("GET", "/v1/instances", params=params))
+
+    def list_nodes(self) -> list[NodeDetails]:
+        return self._items(NodeDetails, self._request("GET", "/v1/nodes"))
+
+    def get_node(self, name: str) -> NodeDetails:
+        return self._model(NodeDetails, self._request("GET", _path("nodes", name)))
+
+    def logs(self, name: str, *, replica: int = 0, follow: bool = False) -> Iterator[bytes]:
+        """``GET /v1/vms/{name}/logs``: the replica's output, chunk by chunk.
+
+        Errors (unknown VM or replica) raise before the first chunk. With
+        ``follow`` there is no read timeout: the stream waits for new output.
+        """
+        params = {"replica": replica, "follow": "true" if follow else "false"}
+        timeout = httpx.Timeout(self.timeout_s, read=None if follow else self.timeout_s)
+        request = self._http.build_request(
+            "GET", _path("vms", name, "logs"), params=params, timeout=timeout
+        )
+        try:
+            response = self._http.send(request, stream=True)
+        except httpx.TransportError as exc:
+            raise self._unreachable(exc) from None
+        try:
+            if response.status_code >= 400:
+                response.read()
+                raise error_from_response(response)
+            yield from response.iter_bytes()
+        except httpx.TransportError as exc:
+            raise self._unreachable(exc) from None
+        finally:
+            response.close()
