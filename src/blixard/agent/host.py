@@ -20,11 +20,12 @@ def memory_mib(meminfo: Path = Path("/proc/meminfo")) -> int:
     return 0
 
 
-def host_capacity(data_dir: Path) -> Resources:
-    """CPUs, memory and the disk space of the file system holding ``data_dir``."""
+def host_capacity(data_dir: Path, *, vcpu_overcommit: float = 1.0) -> Resources:
+    """CPUs (times the vCPU overcommit ratio), memory, and the disk space of the
+    file system holding ``data_dir``. Memory is never overcommitted."""
     disk = shutil.disk_usage(data_dir)
     return Resources(
-        vcpus=os.cpu_count() or 1,
+        vcpus=max(1, int((os.cpu_count() or 1) * vcpu_overcommit)),
         memory_mib=memory_mib(),
         disk_mib=disk.total // (1024 * 1024),
     )

@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -21,7 +21,8 @@ import structlog
 from blixard.domain.errors import LeaseNotFound, StoreError
 from blixard.domain.keys import NODE_LEASES_PREFIX
 from blixard.domain.meta import ObjectMeta
-from blixard.domain.node import Node, NodeSpec, NodeStatus
+from blixard.domain.node import KvmState, Node, NodeSpec, NodeStatus
+from blixard.domain.vm import Hypervisor
 from blixard.store.objects import ObjectStore
 from blixard.store.protocol import StateStore
 
@@ -43,6 +44,10 @@ class NodeRegistration:
         ttl_s: int = 5,
         clock: Callable[[], float] = time.monotonic,
         version: str = "",
+        hypervisors: Sequence[Hypervisor] = (),
+        kvm: KvmState = KvmState.ABSENT,
+        kvm_detail: str = "",
+        vcpu_overcommit: float = 1.0,
     ) -> None:
         self.store = store
         self.objects = ObjectStore(store)
@@ -52,6 +57,10 @@ class NodeRegistration:
         self.ttl_s = ttl_s
         self.clock = clock
         self.version = version
+        self.hypervisors = list(hypervisors)
+        self.kvm = kvm
+        self.kvm_detail = kvm_detail
+        self.vcpu_overcommit = vcpu_overcommit
         self.lease_id = 0
         #: Until when (own monotonic clock) the last keepalive proves the lease lives.
         self.valid_until = 0.0
@@ -63,19 +72,21 @@ class NodeRegistration:
 
     async def register(self) -> Node:
         """Create or refresh the node record, then take a fresh liveness lease."""
-        capacity = host_capacity(self.data_dir)
+        capacity = host_capacity(self.data_dir, vcpu_overcommit=self.vcpu_overcommit)
         now = datetime.now(UTC)
+        facts = {
+            "ready": True,
+            "capacity": capacity,
+            "hypervisors": self.hypervisors,
+            "kvm": self.kvm,
+            "kvm_detail": self.kvm_detail,
+            "agent_version": self.version,
+            "last_heartbeat": now,
+        }
 
         def refresh(node: Node) -> Node:
             spec = node.spec.model_copy(update={"api_url": self.api_url})
-            status = node.status.model_copy(
-                update={
-                    "ready": True,
-                    "capacity": capacity,
-                    "agent_version": self.version,
-                    "last_heartbeat": now,
-                }
-            )
+            status = node.status.model_copy(update=facts)
             return node.model_copy(update={"spec": spec, "status": status})
 
         existing = await self.objects.find(Node, self.node_id)
@@ -83,12 +94,7 @@ class NodeRegistration:
             node = Node(
                 metadata=ObjectMeta(name=self.node_id, generation=1, created_at=now),
                 spec=NodeSpec(api_url=self.api_url),
-                status=NodeStatus(
-                    ready=True,
-                    capacity=capacity,
-                    agent_version=self.version,
-                    last_heartbeat=now,
-                ),
+                status=NodeStatus.model_validate(facts),
             )
             record = await self.objects.create(node)
         else:

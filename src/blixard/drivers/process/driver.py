@@ -96,7 +96,7 @@ class ProcessDriver:
                     if still_running
                     else f"it exited before printing {spec.ready_line!r}"
                 )
-                raise BootFailed(f"{instance}: {why}; last output: {tail.strip()!r}")
+                raise BootFailed(f"{why}; last output: {tail.strip()!r}")
         return handle
 
     async def inspect(self, handle: TaskHandle) -> TaskStatus:
