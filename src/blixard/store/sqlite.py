@@ -104,14 +104,11 @@ from blixard.store.protocol import (
     RangeResult,
     TxnOp,
     TxnResult,
-    check_compare,
     check_key,
     check_lease_id,
-    check_op,
     check_revision,
     check_ttl,
     check_txn,
-    check_value,
     prefix_end,
 )
 
@@ -188,18 +185,18 @@ class _Cmp:
 
 
 def _normalise_op(op: TxnOp) -> _Op:
-    check_op(op)
+    """Encode an operation already validated by ``check_txn`` (no second validation)."""
     if isinstance(op, Put):
-        return _Op(Put, check_key(op.key), check_value(op.value), op.lease)
+        return _Op(Put, op.key.encode(), bytes(op.value), op.lease)
     if isinstance(op, Delete):
-        return _Op(Delete, check_key(op.key), prefix=bool(op.prefix))
-    return _Op(Get, check_key(op.key), prefix=bool(op.prefix))
+        return _Op(Delete, op.key.encode(), prefix=bool(op.prefix))
+    return _Op(Get, op.key.encode(), prefix=bool(op.prefix))
 
 
 def _normalise_compare(c: Compare) -> _Cmp:
-    check_compare(c)
-    operand = check_value(c.operand) if c.target == "value" else c.operand  # type: ignore[arg-type]
-    return _Cmp(check_key(c.key, "compare.key"), c.target, c.op, operand)
+    """Encode a compare already validated by ``check_txn``."""
+    operand = bytes(c.operand) if isinstance(c.operand, bytes | bytearray) else c.operand
+    return _Cmp(c.key.encode(), c.target, c.op, operand)
 
 
 def _check_positive(name: str, value: float) -> float:
@@ -338,6 +335,9 @@ class SqliteStore:
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="blixard-sqlite")
         self._closed = False
         self._commit_event = asyncio.Event()
+        #: Watchers between "about to read history" and "woken": only then does a
+        #: commit need to wake the event loop (the worker thread reads this int).
+        self._waiting = 0
         self._maintenance: asyncio.Task[None] | None = None
         # Owned by the worker thread (the event loop only reads the ints).
         self._conn: sqlite3.Connection | None = None
@@ -540,8 +540,9 @@ class SqliteStore:
     def _after_commit(self, revision: int) -> None:
         """A new revision is durable: publish it, wake watchers, maybe compact."""
         self._head = revision
-        with contextlib.suppress(RuntimeError):  # the loop is gone: nobody to wake
-            self._loop.call_soon_threadsafe(self._notify_watchers)
+        if self._waiting:
+            with contextlib.suppress(RuntimeError):  # the loop is gone: nobody to wake
+                self._loop.call_soon_threadsafe(self._notify_watchers)
         self._auto_compact()
 
     def _auto_compact(self) -> None:
@@ -990,26 +991,34 @@ class _Watch(AsyncIterator[Event]):
             if self._done or store._closed:
                 self._done = True
                 raise StopAsyncIteration
-            waiter = store._commit_event  # taken before reading: no commit slips between
-            lo, hi, from_rev = self._lo, self._hi, self._from_rev
-            after_id, next_rev = self._after_id, self._next_rev
+            # Count ourselves as waiting *before* reading: a commit after the read
+            # then always wakes us; one before it is in what we read.
+            store._waiting += 1
             try:
-                batch = await store._call(
-                    functools.partial(store._job_watch_batch, lo, hi, from_rev, after_id, next_rev)
-                )
-            except StoreUnavailable:
-                if store._closed:
+                waiter = store._commit_event
+                lo, hi, from_rev = self._lo, self._hi, self._from_rev
+                after_id, next_rev = self._after_id, self._next_rev
+                try:
+                    batch = await store._call(
+                        functools.partial(
+                            store._job_watch_batch, lo, hi, from_rev, after_id, next_rev
+                        )
+                    )
+                except StoreUnavailable:
+                    if store._closed:
+                        self._done = True
+                        raise StopAsyncIteration from None
+                    raise  # the watch may be resumed by calling __anext__ again
+                except Compacted:
                     self._done = True
-                    raise StopAsyncIteration from None
-                raise  # the watch may be resumed by calling __anext__ again
-            except Compacted:
-                self._done = True
-                raise
-            self._after_id, self._next_rev = batch.after_id, batch.next_rev
-            if batch.events:
-                self._buffer.extend(batch.events)
-                continue
-            await waiter.wait()
+                    raise
+                self._after_id, self._next_rev = batch.after_id, batch.next_rev
+                if batch.events:
+                    self._buffer.extend(batch.events)
+                    continue
+                await waiter.wait()
+            finally:
+                store._waiting -= 1
 
     async def aclose(self) -> None:
         """Stop the watch (nothing to release: it holds no database resources)."""
