@@ -1,0 +1,1 @@
+"""Benchmarks: Blixard measured beside the raw layer it drives (see docs/benchmarks.md)."""
