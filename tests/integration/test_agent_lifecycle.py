@@ -21,6 +21,7 @@ from blixard.agent.reconciler import Agent
 from blixard.agent.registration import NodeRegistration
 from blixard.controllers.vms import VmController
 from blixard.domain.instance import Instance, ObservedState
+from blixard.domain.node import Node as NodeRecord
 from blixard.domain.parse import parse
 from blixard.domain.vm import VM, Hypervisor, VMPhase
 from blixard.drivers.process import ProcessDriver
@@ -140,6 +141,16 @@ async def test_vm_runs_and_reports(node: Node) -> None:
     assert vm.status.ready_replicas == 2 and "placed on n1" in vm.status.placement_reason
     logs = b"".join([c async for c in node.agent.logs("web-0", follow=False)])
     assert PROCESS_READY.encode() in logs
+    record = await until(
+        "allocation published",
+        lambda: _node_with(node, lambda n: n.status.allocated.memory_mib == 2 * 512),
+    )
+    assert record.status.allocated.vcpus == 2
+
+
+async def _node_with(n: Node, pred: Callable[[NodeRecord], bool]) -> NodeRecord | None:
+    record = await n.objects.find(NodeRecord, NODE)
+    return record if record is not None and pred(record) else None
 
 
 async def _vm_with(n: Node, name: str, pred: Callable[[VM], bool]) -> VM | None:

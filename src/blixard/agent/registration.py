@@ -108,6 +108,20 @@ class NodeRegistration:
         log.info("node registered", node=self.node_id, lease=f"{lease.id:x}", ttl_s=lease.ttl_s)
         return record
 
+    async def update_facts(
+        self, *, hypervisors: Sequence[Hypervisor], kvm: KvmState, kvm_detail: str
+    ) -> None:
+        """Publish new driver facts (e.g. once the KVM probe has a verdict)."""
+        self.hypervisors, self.kvm, self.kvm_detail = list(hypervisors), kvm, kvm_detail
+
+        def change(node: Node) -> Node:
+            status = node.status.model_copy(
+                update={"hypervisors": self.hypervisors, "kvm": kvm, "kvm_detail": kvm_detail}
+            )
+            return node.model_copy(update={"status": status})
+
+        await self.objects.modify(Node, self.node_id, change)
+
     def alive(self) -> bool:
         """True while the last keepalive proves our lease still lives."""
         return self.lease_id != 0 and self.clock() < self.valid_until

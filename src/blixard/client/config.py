@@ -32,6 +32,14 @@ def default_data_dir() -> Path:
     return Path(base) / "blixard"
 
 
+API_URL_FILE_NAME = "api.url"
+
+
+def api_url_file(data_dir: Path) -> Path:
+    """Where a running node writes its API URL, so the CLI finds a node on any port."""
+    return data_dir / API_URL_FILE_NAME
+
+
 def token_file(data_dir: Path) -> Path:
     """Where the node writes its admin token: ``<data dir>/admin.token``."""
     return data_dir / TOKEN_FILE_NAME
@@ -49,11 +57,20 @@ class ClientSettings:
 def resolve_api_url(api: str | None, env: Mapping[str, str] | None = None) -> str:
     """The API base URL: flag, then BLIXARD_API, then the local default."""
     env = os.environ if env is None else env
-    url = api or env.get(API_ENV) or DEFAULT_API_URL
+    url = api or env.get(API_ENV) or _url_from_data_dir(env) or DEFAULT_API_URL
     if not url.startswith(("http://", "https://")):
         field = "--api" if api else API_ENV
         raise ValidationError(field, f"must be an http:// or https:// URL, got {url!r}")
     return url.rstrip("/")
+
+
+def _url_from_data_dir(env: Mapping[str, str]) -> str | None:
+    """The API URL the local node wrote into its data dir, if it runs."""
+    data_dir = Path(env[DATA_DIR_ENV]) if env.get(DATA_DIR_ENV) else default_data_dir()
+    try:
+        return api_url_file(data_dir).read_text(encoding="utf-8").strip() or None
+    except OSError:
+        return None
 
 
 def resolve_token(token: str | None, env: Mapping[str, str] | None = None) -> tuple[str, str]:

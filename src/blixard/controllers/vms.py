@@ -113,6 +113,19 @@ class VmController:
                     await self._delete(inst)
         for vm in vms.values():
             await self.sync_vm(vm, by_vm.get(vm.metadata.name, []), nodes, alive, claims)
+        await self._publish_allocations(nodes, claims)
+
+    async def _publish_allocations(
+        self, nodes: list[Node], claims: list[tuple[str | None, Resources]]
+    ) -> None:
+        """Write each node's allocated resources (what placement counted) to its record."""
+        for node in nodes:
+            allocated = allocated_by(node.metadata.name, claims)
+            if node.status.allocated == allocated:
+                continue
+            status = node.status.model_copy(update={"allocated": allocated})
+            with contextlib.suppress(Conflict, NotFound):  # the agent wrote first: next pass
+                await self.objects.update(node.model_copy(update={"status": status}))
 
     async def sync_vm(
         self,

@@ -13,7 +13,8 @@ from typing import Annotated
 import typer
 
 from blixard.cli import main as cli
-from blixard.cli.main import err, fail, node_app
+from blixard.cli.main import app, err, fail, node_app
+from blixard.daemon.image_cmd import image_app
 from blixard.domain.errors import BlixardError
 
 
@@ -32,6 +33,12 @@ def node_start(
     store: Annotated[
         str | None, typer.Option(help="State store: sqlite (embedded, default) or etcd")
     ] = None,
+    config: Annotated[
+        Path | None,
+        typer.Option(
+            help="TOML config file [env: BLIXARD_CONFIG; default /etc/blixard/config.toml]"
+        ),
+    ] = None,
     etcd_endpoints: Annotated[
         str | None, typer.Option(help="Comma-separated etcd client URLs (implies --store etcd)")
     ] = None,
@@ -47,7 +54,7 @@ def node_start(
     if etcd_endpoints is not None:
         endpoints = [e.strip() for e in etcd_endpoints.split(",") if e.strip()]
     try:
-        config = load_config(
+        settings = load_config(
             {
                 "data_dir": str(data_dir) if data_dir is not None else None,
                 "node_id": node_id,
@@ -55,26 +62,31 @@ def node_start(
                 "api_port": api_port,
                 "store": store,
                 "etcd_endpoints": endpoints,
-            }
+            },
+            config_path=config,
         )
     except BlixardError as exc:
         raise fail(exc) from None
-    configure_logging()
+    configure_logging(settings.log_level)
 
     def ready(url: str) -> None:
-        where = config.sqlite_path if config.store == "sqlite" else ",".join(config.etcd_endpoints)
+        sqlite = settings.store == "sqlite"
+        where = settings.sqlite_path if sqlite else ",".join(settings.etcd_endpoints)
         err.print(
-            f"Blixard node [bold]{config.node_id}[/bold] ready: API {url} "
-            f"(health: {url}/health), store {config.store} at {where}",
+            f"Blixard node [bold]{settings.node_id}[/bold] ready: API {url} "
+            f"(health: {url}/health), store {settings.store} at {where}",
             soft_wrap=True,
         )
 
     try:
-        asyncio.run(run_node(config, on_ready=ready))
+        asyncio.run(run_node(settings, on_ready=ready))
     except BlixardError as exc:
         raise fail(exc) from None
     except KeyboardInterrupt:
         pass
+
+
+app.add_typer(image_app, name="image")
 
 
 def main() -> None:

@@ -1,9 +1,11 @@
 """`blixard node start`: the composition root of one node.
 
-Wires the state store, the node's registration (record + liveness lease) and
-the HTTP API, and owns the process lifecycle: SIGTERM/SIGINT stop the API,
-revoke the liveness lease (so the cluster sees a clean leave at once, not
-after a TTL) and close the store.
+Wires the state store, the node's registration (record + liveness lease), the
+drivers (QEMU, process), the agent, the leader-elected controllers and the
+HTTP API, and owns the process lifecycle. SIGTERM/SIGINT stop the API and the
+controllers, revoke the liveness lease (the cluster sees a clean leave at
+once, not after a TTL) and close the store; VMs keep running, and the next
+start re-attaches to them.
 """
 
 from __future__ import annotations
@@ -14,17 +16,30 @@ import errno
 import signal
 import socket
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import structlog
 import uvicorn
 
 from blixard import __version__
+from blixard.agent.reconciler import Agent
 from blixard.agent.registration import NodeRegistration
 from blixard.api.app import create_app
+from blixard.api.auth import TokenAuthority
+from blixard.client.config import api_url_file, token_file
+from blixard.controllers.vms import VmController
 from blixard.daemon.config import NodeConfig
 from blixard.domain.errors import BlixardError, StoreError, ValidationError
+from blixard.domain.node import KvmState
+from blixard.domain.vm import Hypervisor
+from blixard.drivers.process import ProcessDriver
+from blixard.drivers.protocol import Driver
+from blixard.drivers.qemu import AccelProbe, QemuDriver
+from blixard.images import DEFAULT_IMAGE, build_image, default_images_dir, list_images
+from blixard.store.election import Election
 from blixard.store.etcd import EtcdStore
+from blixard.store.objects import ObjectStore
 from blixard.store.protocol import StateStore
 from blixard.store.sqlite import SqliteStore
 
@@ -63,6 +78,44 @@ def bind_api_socket(host: str, port: int) -> socket.socket:
     return sock
 
 
+async def prepare_images(config: NodeConfig, images_dir: Path) -> None:
+    """Build the default guest image if it is missing, so a first VM can boot at once.
+
+    A host without the guest kernel or busybox still runs the node (and the
+    process driver): the failure is logged, and `blixard image build` says why.
+    """
+    if not config.build_default_image or (images_dir / DEFAULT_IMAGE / "image.json").is_file():
+        return
+    try:
+        image = await asyncio.to_thread(build_image, DEFAULT_IMAGE, images_dir)
+        log.info("built the default guest image", image=image.name, path=str(images_dir))
+    except BlixardError as exc:
+        log.warning("no default guest image; qemu VMs need `blixard image build`", error=str(exc))
+
+
+async def run_controllers(store: StateStore, node_id: str, ttl_s: int) -> None:
+    """Campaign for leadership; run the controllers while leading; campaign again on loss."""
+    while True:
+        election = Election(store, "controllers", node_id, ttl_s=ttl_s)
+        try:
+            await election.campaign()
+            log.info("leading the controllers", node=node_id)
+            controller = asyncio.create_task(VmController(store).run())
+            lost = asyncio.create_task(election.lost.wait())
+            await asyncio.wait({controller, lost}, return_when=asyncio.FIRST_COMPLETED)
+            controller.cancel()
+            lost.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await controller
+            log.warning("lost the controllers' leadership", node=node_id)
+        except StoreError as exc:
+            log.info("election will retry", error=str(exc))
+            await asyncio.sleep(1)
+        finally:
+            with contextlib.suppress(Exception):
+                await election.close()
+
+
 async def run_node(config: NodeConfig, on_ready: Callable[[str], None] | None = None) -> None:
     """Run the node until SIGTERM or SIGINT."""
     sock = bind_api_socket(config.api_host, config.api_port)
@@ -76,21 +129,68 @@ async def run_node(config: NodeConfig, on_ready: Callable[[str], None] | None = 
     except BaseException:
         sock.close()
         raise
-    registration = NodeRegistration(
-        store,
-        config.node_id,
-        config.data_dir,
-        api_url=config.api_url,
-        ttl_s=config.lease_ttl_s,
-        version=__version__,
+    for section in config.unused_sections:
+        log.warning("config section is not used by this version", section=section)
+    images_dir = default_images_dir(config.data_dir)
+    probe = AccelProbe(
+        config.data_dir / "kvm-probe.json", images_dir, timeout_s=config.kvm_probe_timeout_s
     )
+    drivers: dict[Hypervisor, Driver] = {
+        Hypervisor.QEMU: QemuDriver(images_dir, accel_probe=probe),
+        Hypervisor.PROCESS: ProcessDriver(),
+    }
+    background: list[asyncio.Task[Any]] = []
+    agent: Agent | None = None
+    registration: NodeRegistration | None = None
     try:
+        await prepare_images(config, images_dir)
+        hypervisors, kvm, kvm_detail = await fingerprint(drivers)
+        registration = NodeRegistration(
+            store,
+            config.node_id,
+            config.data_dir,
+            api_url=config.api_url,
+            ttl_s=config.lease_ttl_s,
+            version=__version__,
+            hypervisors=hypervisors,
+            kvm=kvm,
+            kvm_detail=kvm_detail,
+            vcpu_overcommit=config.vcpu_overcommit,
+        )
         await registration.register()
+        auth = TokenAuthority(ObjectStore(store))
+        await auth.ensure_admin_token(token_file(config.data_dir))
+        agent = Agent(
+            store,
+            config.node_id,
+            drivers,
+            config.data_dir / "vms",
+            stop_timeout_s=config.stop_timeout_s,
+        )
+        await agent.start()
+        background.append(
+            asyncio.create_task(run_controllers(store, config.node_id, config.lease_ttl_s))
+        )
+        if (images_dir / DEFAULT_IMAGE / "image.json").is_file():
+            background.append(
+                asyncio.create_task(_probe_then_publish(probe, drivers, registration))
+            )
+
+        def image_exists(name: str) -> bool:
+            return (images_dir / name / "image.json").is_file()
+
+        def known_images() -> list[str]:
+            return [image.name for image in list_images(images_dir)]
+
         app = create_app(
             store,
             node_id=config.node_id,
             store_description=description,
             registered=registration.alive,
+            auth=auth,
+            logs=agent.logs,
+            image_exists=image_exists,
+            known_images=known_images,
         )
         server = uvicorn.Server(
             uvicorn.Config(app, log_level="warning", access_log=False, lifespan="off")
@@ -104,6 +204,7 @@ async def run_node(config: NodeConfig, on_ready: Callable[[str], None] | None = 
         if serving.done():
             serving.result()
             raise StartupError("the API server stopped during start-up")
+        api_url_file(config.data_dir).write_text(config.api_url + "\n")
         if on_ready is not None:
             on_ready(config.api_url)
         await serving
@@ -112,7 +213,44 @@ async def run_node(config: NodeConfig, on_ready: Callable[[str], None] | None = 
         for sig in (signal.SIGTERM, signal.SIGINT):
             with contextlib.suppress(Exception):
                 asyncio.get_running_loop().remove_signal_handler(sig)
-        with contextlib.suppress(StoreError):
-            await registration.close()
+        for task in background:
+            task.cancel()
+        for task in background:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+        if agent is not None:
+            await agent.close()
+        if registration is not None:
+            with contextlib.suppress(StoreError):
+                await registration.close()
+        with contextlib.suppress(FileNotFoundError):
+            api_url_file(config.data_dir).unlink()
         await store.close()
         sock.close()
+
+
+async def fingerprint(
+    drivers: dict[Hypervisor, Driver],
+) -> tuple[list[Hypervisor], KvmState, str]:
+    """What this node offers: every healthy driver's hypervisors, and KVM's state."""
+    hypervisors: list[Hypervisor] = []
+    kvm, kvm_detail = KvmState.ABSENT, ""
+    for driver in drivers.values():
+        facts = await driver.fingerprint()
+        if facts.healthy:
+            hypervisors.extend(facts.hypervisors)
+        elif facts.detail:
+            log.warning("driver unavailable", driver=driver.name, detail=facts.detail)
+        if facts.kvm is not KvmState.ABSENT:
+            kvm, kvm_detail = facts.kvm, facts.kvm_detail
+    return hypervisors, kvm, kvm_detail
+
+
+async def _probe_then_publish(
+    probe: AccelProbe, drivers: dict[Hypervisor, Driver], registration: NodeRegistration
+) -> None:
+    """Run the KVM probe in the background and publish its verdict on the node record."""
+    await probe.probe()
+    hypervisors, kvm, kvm_detail = await fingerprint(drivers)
+    await registration.update_facts(hypervisors=hypervisors, kvm=kvm, kvm_detail=kvm_detail)
+    log.info("kvm probe finished", kvm=kvm.value, detail=kvm_detail)
