@@ -10,12 +10,16 @@ import os
 import signal
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
+from blixard.domain.parse import parse
+from blixard.domain.vm import VMSpec
 from blixard.drivers import executor
 from blixard.drivers.process import ProcessDriver
 from blixard.drivers.protocol import BootFailed, Pausable, TaskHandle, TaskState
+from blixard.drivers.qemu import AccelProbe, QemuDriver
 from tests.support.drivers import (
     PROCESS_READY,
     DriverCase,
@@ -23,6 +27,7 @@ from tests.support.drivers import (
     processes_in,
     workload_pid,
 )
+from tests.support.images import session_image
 
 
 def _process_case() -> DriverCase:
@@ -36,10 +41,42 @@ def _process_case() -> DriverCase:
     )
 
 
-@pytest.fixture(params=["process"])
-def case(request: pytest.FixtureRequest) -> Iterator[DriverCase]:
+def _qemu_case(tmp_path_factory: pytest.TempPathFactory) -> DriverCase:
+    image = session_image(tmp_path_factory)
+    images_dir = image.path.parent
+    cache = tmp_path_factory.getbasetemp() / "contract-kvm-probe.json"
+
+    def make() -> QemuDriver:
+        return QemuDriver(images_dir, accel_probe=AccelProbe(cache, images_dir))
+
+    def spec(**overrides: Any) -> VMSpec:
+        data: dict[str, Any] = {
+            "boot": {"image": image.name},
+            "memory_mib": 256,
+            "accel": "tcg",
+            "boot_timeout_s": 60,
+        }
+        data.update(overrides)
+        return parse(VMSpec, data)
+
+    return DriverCase(
+        name="qemu",
+        driver=make(),
+        fresh=make,
+        spec=spec,
+        ready_line=image.ready_line,
+        clean_exit_code=0,
+    )
+
+
+@pytest.fixture(params=["process", "qemu"])
+def case(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[DriverCase]:
     if request.param == "process":
         yield _process_case()
+    else:
+        yield _qemu_case(tmp_path_factory)
 
 
 @pytest.fixture
