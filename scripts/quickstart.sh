@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Blixard's main job on one machine: set up (scripts/setup.sh), start a node on the embedded
-# SQLite store, show that it answers its health check, then keep it running until Ctrl-C.
-#   --once          stop the node after the health check (used by the tests)
+# SQLite store, boot a real microVM (QEMU, the default guest image), show its status and the
+# ready line from its serial console, then keep both running until Ctrl-C.
+#   --once          delete the VM and stop the node after showing them (used by the tests)
 # Environment: BLIXARD_DATA_DIR (default ./data), BLIXARD_API_PORT (default 7400).
 set -euo pipefail
 
@@ -52,9 +53,26 @@ if [[ -z "$health" ]]; then
 fi
 echo "quickstart: GET $url/health -> $health"
 
+# The CLI finds this node's API and admin token through BLIXARD_DATA_DIR.
+blixard=(.venv/bin/blixard)
+vm="${QUICKSTART_VM:-demo}"
+if "${blixard[@]}" vm status "$vm" >/dev/null 2>&1; then
+  echo "quickstart: microVM $vm exists already (from an earlier run)"
+else
+  echo "quickstart: \$ blixard vm create $vm --image default --memory 256M"
+  "${blixard[@]}" vm create "$vm" --image default --memory 256M
+fi
+echo "quickstart: \$ blixard vm list"
+"${blixard[@]}" vm list
+echo "quickstart: \$ blixard vm logs $vm   (the guest's serial console)"
+"${blixard[@]}" vm logs "$vm" | tail -n 3
+
 if ((once)); then
-  echo "quickstart: stopping the node (--once)"
+  echo "quickstart: deleting $vm and stopping the node (--once)"
+  "${blixard[@]}" vm delete "$vm"
   exit 0
 fi
-echo "quickstart: the node keeps running; press Ctrl-C to stop it"
+echo "quickstart: the node and microVM $vm keep running; in another shell try"
+echo "  BLIXARD_DATA_DIR=$BLIXARD_DATA_DIR .venv/bin/blixard vm list"
+echo "quickstart: press Ctrl-C to stop the node (the VM keeps running and is re-attached next time)"
 wait "$node"

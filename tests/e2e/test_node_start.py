@@ -100,7 +100,9 @@ def test_node_starts_on_embedded_store_and_stops_cleanly(
             await store.close()
 
     record, live_keys = asyncio.run(stored())
-    assert record.status.ready and record.status.capacity.vcpus == (os.cpu_count() or 1)
+    # vCPUs are offered with the default overcommit of 4 per host CPU; memory is not.
+    assert record.status.ready and record.status.capacity.vcpus == 4 * (os.cpu_count() or 1)
+    assert {h.value for h in record.status.hypervisors} == {"qemu", "process"}
     assert record.status.capacity.memory_mib > 0
     assert record.spec.api_url == f"http://127.0.0.1:{port}"
     assert live_keys == 0  # a clean stop revoked the liveness lease
@@ -193,3 +195,7 @@ def test_quickstart_script_runs_a_healthy_node(tmp_path: Path) -> None:
     )  # fmt: skip
     assert res.returncode == 0, res.stderr
     assert '"status":"ok"' in res.stdout and '"backend":"sqlite"' in res.stdout
+    # It boots a real microVM and shows its state and its ready line.
+    assert "demo-0" in res.stdout and "running" in res.stdout
+    assert "blixard-guest: ready" in res.stdout
+    assert "deleted" in res.stdout
