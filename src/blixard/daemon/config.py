@@ -144,6 +144,7 @@ _ENV = {
     "api_port": "BLIXARD_API_PORT",
     "store": "BLIXARD_STORE",
     "etcd_endpoints": "BLIXARD_ETCD_ENDPOINTS",
+    "accel": "BLIXARD_ACCEL",
 }
 
 

@@ -32,7 +32,7 @@ from blixard.controllers.vms import VmController
 from blixard.daemon.config import NodeConfig
 from blixard.domain.errors import BlixardError, StoreError, ValidationError
 from blixard.domain.node import KvmState
-from blixard.domain.vm import Hypervisor
+from blixard.domain.vm import Accel, Hypervisor
 from blixard.drivers.process import ProcessDriver
 from blixard.drivers.protocol import Driver
 from blixard.drivers.qemu import AccelProbe, QemuDriver
@@ -171,7 +171,8 @@ async def run_node(config: NodeConfig, on_ready: Callable[[str], None] | None = 
         background.append(
             asyncio.create_task(run_controllers(store, config.node_id, config.lease_ttl_s))
         )
-        if (images_dir / DEFAULT_IMAGE / "image.json").is_file():
+        probing = config.accel is not Accel.TCG  # a TCG-only node never needs to know
+        if probing and (images_dir / DEFAULT_IMAGE / "image.json").is_file():
             background.append(
                 asyncio.create_task(_probe_then_publish(probe, drivers, registration))
             )

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
 import os
 import signal
 import subprocess
@@ -64,6 +65,18 @@ with open(tmp, "w") as f:
     os.fsync(f.fileno())
 os.rename(tmp, exit_file)
 """
+
+
+_PR_SET_PDEATHSIG = 1
+
+
+def die_with_parent() -> None:  # pragma: no cover - runs in the child between fork and exec
+    """preexec_fn for helper processes that must not outlive the node (not for tasks).
+
+    Linux ties the signal to the thread that forked: spawn from the event loop's thread.
+    """
+    libc = ctypes.CDLL("libc.so.6", use_errno=True)
+    libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
 
 
 @dataclass(frozen=True, slots=True)

@@ -30,6 +30,7 @@ from pathlib import Path
 from blixard.domain.errors import BlixardError
 from blixard.domain.node import KvmState
 from blixard.domain.vm import Accel
+from blixard.drivers import executor
 from blixard.drivers.protocol import DriverError
 from blixard.drivers.qemu.boot import read_image
 from blixard.drivers.qemu.cmdline import (
@@ -258,6 +259,9 @@ class AccelProbe:
                     stderr=asyncio.subprocess.STDOUT,
                     cwd=run,
                     start_new_session=True,
+                    # A probe must never outlive its node (a SIGKILLed node included):
+                    # under an unusable KVM it spins a core until killed.
+                    preexec_fn=executor.die_with_parent,
                 )
             except OSError as exc:
                 return KvmState.UNUSABLE, f"cannot run {self.qemu_binary}: {exc.strerror}"
