@@ -299,3 +299,104 @@ async def test_unplaceable_vm_says_why(node: Node) -> None:
     assert vm.status.phase is VMPhase.PENDING and "n1" in vm.status.message
     inst = await instance(node, "huge-0")
     assert inst is not None and inst.spec.node is None
+
+
+# --- regressions found in review -----------------------------------------------------------
+
+IGNORES_TERM = "trap '' TERM; echo 'workload: ready'; while true; do sleep 0.1; done"
+
+
+async def test_instance_moved_elsewhere_is_killed_at_once(node: Node) -> None:
+    """Fencing: a copy assigned elsewhere is destroyed now, not stopped gracefully."""
+    await node.objects.create(vm_doc("moved", boot={"command": ["/bin/sh", "-c", IGNORES_TERM]}))
+    await until("running", lambda: running(node, "moved-0"))
+    for t in node.tasks:  # the controller would put it back on n1
+        t.cancel()
+
+    def elsewhere(inst: Instance) -> Instance:
+        spec = inst.spec.model_copy(update={"node": "n2", "epoch": inst.spec.epoch + 1})
+        return inst.model_copy(update={"spec": spec})
+
+    await node.objects.modify(Instance, "moved-0", elsewhere)
+    loop = asyncio.get_running_loop()
+    began = loop.time()
+    await until("local copy gone", lambda: processes_in(node.run_root / "moved-0") == 0, 10)
+    assert loop.time() - began < 2.0  # stop_timeout_s is 5: it was not a graceful stop
+
+
+async def test_explicit_restart_overrides_the_policy(node: Node) -> None:
+    await node.objects.create(vm_doc("never", restart={"mode": "never"}))
+    first = await until("running", lambda: running(node, "never-0"))
+    os.kill(workload_pid(handle_of(first)), signal.SIGKILL)
+    await until(
+        "failed",
+        lambda: _inst_with(node, "never-0", lambda i: i.status.state is ObservedState.FAILED),
+    )
+    await node.objects.modify(VM, "never", lambda v: _spec(v, restart_generation=1))
+    again = await until("running after vm restart", lambda: running(node, "never-0"))
+    assert again.status.restart_generation == 1
+
+
+async def test_start_after_stop_survives_an_agent_restart(node: Node) -> None:
+    await node.objects.create(vm_doc("later", restart={"mode": "on-failure"}))
+    await until("running", lambda: running(node, "later-0"))
+    await node.objects.modify(VM, "later", lambda v: _spec(v, running=False))
+    await until(
+        "stopped",
+        lambda: _inst_with(node, "later-0", lambda i: i.status.state is ObservedState.STOPPED),
+    )
+    await node.agent.close()
+    node.agent = node.new_agent()
+    await node.agent.start()
+    await node.objects.modify(VM, "later", lambda v: _spec(v, running=True))
+    await until("running again", lambda: running(node, "later-0"))
+
+
+async def test_recreated_vm_gets_a_new_task(node: Node) -> None:
+    await node.objects.create(vm_doc("again"))
+    old = await until("running", lambda: running(node, "again-0"))
+    await node.agent.close()  # the agent is down while the VM is replaced
+    await node.objects.delete(await node.objects.get(VM, "again"))
+    await until("old instance deleted", lambda: _absent(node, "again-0"))
+    script = "echo 'workload: ready'; echo second; while true; do sleep 0.1; done"
+    await node.objects.create(vm_doc("again", boot={"command": ["/bin/sh", "-c", script]}))
+    node.agent = node.new_agent()
+    await node.agent.start()
+    new = await until(
+        "the new VM's task",
+        lambda: _inst_with(
+            node,
+            "again-0",
+            lambda i: i.status.ready and i.status.handle.get("pid") != old.status.handle["pid"],
+        ),
+    )
+    logs = b"".join([c async for c in node.agent.logs("again-0", follow=False)])
+    assert b"second" in logs and new.metadata.uid != old.metadata.uid
+
+
+async def test_workload_of_a_killed_shim_is_not_left_running(node: Node) -> None:
+    await node.objects.create(vm_doc("orphan"))
+    first = await until("running", lambda: running(node, "orphan-0"))
+    handle = handle_of(first)
+    workload = workload_pid(handle)
+    os.kill(handle.pid, signal.SIGKILL)  # the shim alone dies; its workload lives on
+    await until("restarted", lambda: running(node, "orphan-0", restarts=1))
+    await until("old workload gone", lambda: not _alive(workload), 10)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+    return state != "Z"
+
+
+def test_backoff_never_overflows() -> None:
+    from blixard.agent.reconciler import LocalTask  # noqa: PLC0415
+
+    agent = Agent(None, NODE, {}, Path("/nonexistent"))  # type: ignore[arg-type]
+    local = LocalTask(name="x-0", vm="x", hypervisor=Hypervisor.PROCESS, epoch=1)
+    local.failures = 5000
+    agent._fail(local)
+    assert local.not_before - agent.clock() <= local.policy.backoff_max_s + 1

@@ -59,3 +59,20 @@ async def test_standby_takes_over_only_after_the_lease_expired(
     await b.resign()
     await a_store.close()
     await b_store.close()
+
+
+async def test_lost_is_signalled_in_time_even_when_the_store_hangs(
+    fresh_etcd1: EtcdCluster,
+) -> None:
+    """The store's own timeout (5 s) is longer than the lease: ``lost`` must not wait for it."""
+    store = fresh_etcd1.client(timeout_s=5.0)
+    leader = Election(store, "slow-store", "node-a", ttl_s=3)
+    await leader.campaign()
+    await asyncio.sleep(1.2)
+    fresh_etcd1.members[0].kill()
+    await asyncio.wait_for(leader.lost.wait(), 10)
+    signalled_at = time.monotonic()
+    # Set no later than the end of proven leadership (plus scheduling slack).
+    assert signalled_at <= leader._valid_until - leader.safety_margin_s + 0.3
+    await leader._stop_keepalive()
+    await store.close()

@@ -45,10 +45,9 @@ from blixard.domain.errors import (
 )
 from blixard.domain.instance import DesiredState, Instance, InstanceStatus, ObservedState
 from blixard.domain.keys import Kind, kind_prefix, parse_object_key
-from blixard.domain.vm import VM, Hypervisor, RestartMode
+from blixard.domain.vm import VM, Hypervisor, RestartMode, RestartPolicy
 from blixard.drivers import executor
 from blixard.drivers.protocol import (
-    BootFailed,
     Driver,
     DriverError,
     TaskGone,
@@ -72,6 +71,11 @@ class LocalTask:
     vm: str
     hypervisor: Hypervisor
     epoch: int
+    #: The instance object's uid: a VM deleted and created again under the same
+    #: name gets new instances with new uids, never the old task.
+    uid: str = ""
+    #: The restart policy the task was started with (the exit watcher needs it at once).
+    policy: RestartPolicy = field(default_factory=RestartPolicy)
     handle: TaskHandle | None = None
     status: TaskStatus | None = None
     applied_restart_generation: int = 0
@@ -163,8 +167,10 @@ class Agent:
                     vm=record["vm"],
                     hypervisor=Hypervisor(record["hypervisor"]),
                     epoch=int(record["epoch"]),
+                    uid=str(record.get("uid", "")),
                     applied_restart_generation=int(record.get("restart_generation", 0)),
                     restarts=int(record.get("restarts", 0)),
+                    stopping=bool(record.get("stopping", False)),
                 )
             except (OSError, ValueError, KeyError) as exc:
                 log.warning(
@@ -181,9 +187,14 @@ class Agent:
                 )
             else:
                 handle = TaskHandle.from_dict(raw_handle)
+                driver = self.drivers.get(local.hypervisor)
                 try:
-                    status = await self.drivers[local.hypervisor].recover(handle)
-                except TaskGone:
+                    if driver is None:
+                        raise TaskGone(f"no {local.hypervisor.value} driver on this node")
+                    status = await driver.recover(handle)
+                except (TaskGone, DriverError) as exc:
+                    log.warning("cannot re-attach; clearing", instance=local.name, error=str(exc))
+                    executor.kill_strays(run_dir)
                     status = None
                 if status is not None:
                     local.handle, local.status = handle, status
@@ -206,8 +217,9 @@ class Agent:
                 for name in list(self.tasks):
                     self._wake_up(name)
                 await self._watch_from(head + 1, prefixes)
-            except (Compacted, StoreError) as exc:
-                log.info("agent watch restarting", error=str(exc))
+            except* (Compacted, StoreError) as group:
+                # Watch errors arrive wrapped by the TaskGroup; plain ones too with except*.
+                log.info("agent watch restarting", error=str(group.exceptions[0]))
                 await asyncio.sleep(0.5)
 
     async def _watch_from(self, revision: int, prefixes: tuple[str, str]) -> None:
@@ -264,13 +276,18 @@ class Agent:
         vm = await self.objects.find(VM, inst.spec.vm) if inst is not None and mine else None
         if inst is None or not mine or vm is None:
             if local is not None:
-                why = "deleted" if inst is None or vm is None else f"moved to {inst.spec.node}"
-                await self._remove(local, graceful=inst is None or vm is None, why=why)
+                # Deleted: stop it gracefully. Assigned elsewhere: kill it now, the
+                # other node may already run it (never two copies).
+                gone = inst is None or (mine and vm is None)
+                why = "deleted" if gone or inst is None else f"moved to {inst.spec.node}"
+                await self._remove(local, graceful=gone, why=why)
             return
-        if local is not None and local.epoch != inst.spec.epoch:
-            await self._remove(
-                local, graceful=False, why=f"epoch {inst.spec.epoch} supersedes ours"
-            )
+        uid = str(inst.metadata.uid or "")
+        if local is not None and (local.epoch != inst.spec.epoch or local.uid != uid):
+            why = f"epoch {inst.spec.epoch} supersedes ours"
+            if local.uid != uid:
+                why = "the instance was deleted and created again"
+            await self._remove(local, graceful=False, why=why)
             local = None
         if local is None:
             local = LocalTask(
@@ -278,6 +295,8 @@ class Agent:
                 vm=vm.metadata.name,
                 hypervisor=vm.spec.hypervisor,
                 epoch=inst.spec.epoch,
+                uid=uid,
+                policy=vm.spec.restart,
                 applied_restart_generation=inst.spec.restart_generation,
             )
             self.tasks[name] = local
@@ -306,12 +325,17 @@ class Agent:
             await self._report(inst, local, _observed(local.status), "")
             return
         # Not running: never started for this epoch, stopped by us, crashed, or failed to boot.
+        # A restart asked for (vm restart) overrides the policy and any earlier failure.
+        asked = inst.spec.restart_generation > local.applied_restart_generation
+        if asked:
+            local.failures, local.not_before, local.last_error = 0, 0.0, ""
         crashed = (
             local.status is not None
             and local.status.state is TaskState.EXITED
             and not local.stopping
+            and not asked
         )
-        boot_failed = local.status is None and bool(local.last_error)
+        boot_failed = local.status is None and bool(local.last_error) and not asked
         if (
             crashed
             and local.status is not None
@@ -342,6 +366,12 @@ class Agent:
         if local.running:
             await self._report(inst, local, ObservedState.STOPPING, "stopping")
             await self._stop_task(local)
+        if not local.stopping:
+            # Whatever ended it, it is now stopped on purpose: a later start is a start,
+            # not a restart the policy could refuse (also across agent restarts).
+            local.stopping = True
+            if local.handle is not None:
+                self._save(local, self.run_root / local.name)
         local.failures, local.not_before, local.last_error = 0, 0.0, ""
         message = _describe(local.status) if local.status is not None else ""
         await self._report(inst, local, ObservedState.STOPPED, message)
@@ -359,14 +389,15 @@ class Agent:
         if count:
             local.restarts += 1
         local.stopping = False
+        local.policy = vm.spec.restart
         self._save(local, run_dir)  # no handle yet: marks a start in progress
         await self._report(inst, local, ObservedState.STARTING, reason or "starting")
         try:
             handle = await driver.start(local.name, vm.spec, run_dir)
-        except (BootFailed, DriverError) as exc:
+        except (BlixardError, OSError) as exc:  # BootFailed, DriverError, bad spec, spawn
             local.status = None
             local.last_error = str(exc)
-            self._fail(local, vm)
+            self._fail(local)
             delay = max(0.0, local.not_before - self.clock())
             retry = (
                 f"; restarting in {delay:.1f}s"
@@ -409,10 +440,11 @@ class Agent:
         shutil.rmtree(run_dir, ignore_errors=True)
         self.tasks.pop(local.name, None)
 
-    def _fail(self, local: LocalTask, vm: VM) -> None:
+    def _fail(self, local: LocalTask) -> None:
         local.failures += 1
-        policy = vm.spec.restart
-        delay = min(policy.backoff_initial_s * 2 ** (local.failures - 1), policy.backoff_max_s)
+        policy = local.policy
+        doublings = min(local.failures - 1, 30)  # 2**30 s outlasts any backoff_max_s
+        delay = min(policy.backoff_initial_s * 2**doublings, policy.backoff_max_s)
         local.not_before = self.clock() + delay
 
     def _watch_exit(self, local: LocalTask) -> None:
@@ -426,9 +458,9 @@ class Agent:
             local.status = status
             if not local.stopping:
                 log.warning("task exited", instance=local.name, status=_describe(status))
-                vm = await self.objects.find(VM, local.vm)
-                if vm is not None:
-                    self._fail(local, vm)
+                if self.clock() - local.started_mono >= self.stable_after_s:
+                    local.failures = 0  # it had been up long enough: start the backoff afresh
+                self._fail(local)
             self._wake_up(local.name)
 
         local.watcher = asyncio.create_task(watch())
@@ -441,6 +473,8 @@ class Agent:
             "vm": local.vm,
             "hypervisor": local.hypervisor.value,
             "epoch": local.epoch,
+            "uid": local.uid,
+            "stopping": local.stopping,
             "restart_generation": local.applied_restart_generation,
             "restarts": local.restarts,
             "handle": local.handle.to_dict() if local.handle is not None else None,

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import uuid
 from collections.abc import Callable
 from datetime import UTC, datetime
 
@@ -192,6 +193,7 @@ class VmController:
             inst = Instance(
                 metadata=ObjectMeta(
                     name=instance_name(vm.metadata.name, index),
+                    uid=uuid.uuid4(),
                     generation=1,
                     created_at=self.now(),
                     labels=dict(vm.metadata.labels),

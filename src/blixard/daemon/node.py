@@ -102,17 +102,22 @@ async def run_controllers(store: StateStore, node_id: str, ttl_s: int) -> None:
             log.info("leading the controllers", node=node_id)
             controller = asyncio.create_task(VmController(store).run())
             lost = asyncio.create_task(election.lost.wait())
-            await asyncio.wait({controller, lost}, return_when=asyncio.FIRST_COMPLETED)
-            controller.cancel()
-            lost.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await controller
+            try:
+                await asyncio.wait({controller, lost}, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                controller.cancel()
+                lost.cancel()
+                # Wait for the controller to end without swallowing our own cancellation.
+                await asyncio.wait({controller, lost})
+            if not controller.cancelled() and controller.exception() is not None:
+                log.error("vm controller failed", error=repr(controller.exception()))
             log.warning("lost the controllers' leadership", node=node_id)
-        except StoreError as exc:
+            await asyncio.sleep(0.5)  # never a tight campaign loop
+        except BlixardError as exc:  # StoreError, LeaseNotFound, ...
             log.info("election will retry", error=str(exc))
             await asyncio.sleep(1)
         finally:
-            with contextlib.suppress(Exception):
+            with contextlib.suppress(BlixardError):
                 await election.close()
 
 

@@ -216,10 +216,47 @@ def signal_task(pid: int, start_ticks: int, sig: int) -> bool:
 
 
 def kill_group(pid: int, start_ticks: int) -> None:
-    """SIGKILL the shim and the workload (one process group)."""
+    """SIGKILL the shim and everything in its session (the workload and its children).
+
+    Also when the shim itself is gone: a workload whose shim was killed alone
+    (the OOM killer, a stray SIGKILL) must not keep running beside a new copy.
+    The session id cannot be reused while any member of the session lives.
+    """
     if alive(pid, start_ticks):
         with contextlib.suppress(ProcessLookupError):
             os.killpg(pid, signal.SIGKILL)
+        kill_session(pid)
+    elif pid_start_ticks(pid) is None:
+        # The shim is gone. Linux does not reuse a pid while a live process still
+        # has it as session id, so members of this session can only be ours. (If a
+        # live process holds the pid, it was reused: our session has no members left.)
+        kill_session(pid)
+
+
+def session_members(sid: int) -> list[int]:
+    """Live processes whose session id is ``sid`` (field 6 of /proc/<pid>/stat)."""
+    members = []
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            raw = (proc / "stat").read_text()
+        except (FileNotFoundError, ProcessLookupError):
+            continue
+        fields = raw[raw.rindex(")") + 2 :].split()
+        if fields[0] != "Z" and int(fields[3]) == sid:
+            members.append(int(proc.name))
+    return members
+
+
+def kill_session(sid: int) -> int:
+    """SIGKILL every live member of session ``sid``; returns how many were signalled."""
+    killed = 0
+    for pid in session_members(sid):
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.kill(pid, signal.SIGKILL)
+            killed += 1
+    return killed
 
 
 def _read_from(path: Path, offset: int, size: int = -1) -> bytes:
@@ -308,5 +345,6 @@ def kill_strays(run_dir: Path) -> int:
         if argv[1:4] == [b"-I", b"-S", b"-c"] and len(argv) > 5 and argv[5].startswith(needle):
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.killpg(int(proc.name), signal.SIGKILL)
-                killed += 1
+            kill_session(int(proc.name))
+            killed += 1
     return killed

@@ -139,11 +139,17 @@ class Election:
             while True:
                 await asyncio.sleep(interval)
                 sent = self.clock()
+                left = self._valid_until - self.safety_margin_s - sent
+                if left <= 0:
+                    break
                 try:
-                    ttl = await self.store.lease_keepalive(self.lease_id)
+                    # Never wait past the point where leadership stops being proven:
+                    # "lost" must be set before the store could elect someone else.
+                    async with asyncio.timeout(left):
+                        ttl = await self.store.lease_keepalive(self.lease_id)
                 except LeaseNotFound:
                     break
-                except StoreError:
+                except (StoreError, TimeoutError):
                     if self.clock() >= self._valid_until - self.safety_margin_s:
                         break
                     continue
