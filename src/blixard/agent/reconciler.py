@@ -224,7 +224,6 @@ class Agent:
 
     async def _watch_from(self, revision: int, prefixes: tuple[str, str]) -> None:
         """Wake the instances an event touches; return after ``resync_s`` to re-list."""
-        vm_of: dict[str, str] = {}
 
         async def one(prefix: str) -> None:
             async for event in self.store.watch(prefix, from_revision=revision):
@@ -232,12 +231,11 @@ class Agent:
                 if kind is Kind.INSTANCES:
                     self._wake_up(name)
                 else:
+                    # A VM change reaches other instances through the controller's
+                    # writes to them; local tasks of the VM are woken directly.
                     for task in self.tasks.values():
                         if task.vm == name:
                             self._wake_up(task.name)
-                    for inst_name, vm in vm_of.items():
-                        if vm == name:
-                            self._wake_up(inst_name)
 
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(self.resync_s), asyncio.TaskGroup() as group:

@@ -232,7 +232,11 @@ def summarise(vm: VM, instances: list[Instance], reasons: list[str]) -> VMStatus
         and i.status.epoch == i.spec.epoch
     )
     unplaced = [r for r in reasons if not r.startswith("placed on")]
-    failed = [i for i in instances if i.status.state is ObservedState.FAILED]
+    failed = [
+        i
+        for i in instances
+        if i.status.state is ObservedState.FAILED and i.status.epoch == i.spec.epoch
+    ]
     if not vm.spec.running or want == 0:
         busy = any(s in _ACTIVE or s is ObservedState.STOPPING for s in states)
         phase = VMPhase.PENDING if busy else VMPhase.STOPPED
