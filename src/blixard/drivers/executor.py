@@ -24,7 +24,7 @@ import os
 import signal
 import subprocess
 import sys
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -233,9 +233,11 @@ def kill_group(pid: int, start_ticks: int) -> None:
         kill_session(pid)
 
 
-def session_members(sid: int) -> list[int]:
-    """Live processes whose session id is ``sid`` (field 6 of /proc/<pid>/stat)."""
-    members = []
+def proc_stats() -> Iterator[tuple[int, list[str]]]:
+    """(pid, fields after the command name) of every process in /proc/<pid>/stat.
+
+    Field 0 is the state letter, 1 the parent pid, 2 the process group, 3 the session.
+    """
     for proc in Path("/proc").iterdir():
         if not proc.name.isdigit():
             continue
@@ -243,10 +245,17 @@ def session_members(sid: int) -> list[int]:
             raw = (proc / "stat").read_text()
         except (FileNotFoundError, ProcessLookupError):
             continue
-        fields = raw[raw.rindex(")") + 2 :].split()
-        if fields[0] != "Z" and int(fields[3]) == sid:
-            members.append(int(proc.name))
-    return members
+        yield int(proc.name), raw[raw.rindex(")") + 2 :].split()
+
+
+def session_members(sid: int) -> list[int]:
+    """Live processes whose session id is ``sid``."""
+    return [pid for pid, f in proc_stats() if f[0] != "Z" and int(f[3]) == sid]
+
+
+def group_states(pgid: int) -> list[str]:
+    """The state letters of the processes in process group ``pgid``."""
+    return [f[0] for _, f in proc_stats() if int(f[2]) == pgid]
 
 
 def kill_session(sid: int) -> int:

@@ -180,15 +180,5 @@ def _group_stopped(pgid: int) -> bool:
     in vfork for a stopped child, blocked ("D") behind one; at least one must
     be stopped.
     """
-    states = []
-    for proc in Path("/proc").iterdir():
-        if not proc.name.isdigit():
-            continue
-        try:
-            raw = (proc / "stat").read_text()
-        except (FileNotFoundError, ProcessLookupError):
-            continue
-        fields = raw[raw.rindex(")") + 2 :].split()
-        if int(fields[2]) == pgid:
-            states.append(fields[0])
+    states = executor.group_states(pgid)
     return any(st in ("T", "t") for st in states) and all(st in ("T", "t", "D") for st in states)
