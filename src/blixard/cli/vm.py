@@ -25,7 +25,7 @@ from blixard.cli.options import (
 )
 from blixard.cli.output import as_data, print_data, print_vm, vm_table
 from blixard.cli.spec import VMFlags, document_from_flags, load_document, name_document
-from blixard.cli.wait import Goal, WaitTimeout, wait_for
+from blixard.cli.wait import Goal, WaitTimeout, settle, wait_for
 from blixard.client.http import BlixardClient
 from blixard.client.models import VMDetails
 from blixard.domain.errors import ValidationError
@@ -66,6 +66,7 @@ def _finish(
                 "shows progress)"
             ) from None
         assert details is not None  # only Goal.GONE ends without the VM
+        details = settle(client, details)
         line = f"vm [bold]{name}[/bold] {verb}: {_OBSERVED[goal]}"
     else:
         details = client.get_vm(name)

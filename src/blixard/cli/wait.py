@@ -31,7 +31,7 @@ from blixard.domain.errors import BlixardError, NotFound
 from blixard.domain.instance import DesiredState, Instance, ObservedState
 from blixard.domain.keys import instance_name
 from blixard.domain.units import format_duration
-from blixard.domain.vm import VM
+from blixard.domain.vm import VM, VMPhase
 
 POLL_INTERVAL_S = 0.2
 _DOWN = frozenset({ObservedState.STOPPED, ObservedState.FAILED, ObservedState.PENDING})
@@ -150,3 +150,27 @@ def wait_for(
                 f"{goal.value}; last seen: {seen.seen}"
             )
         sleep(min(poll_s, max(0.0, deadline - clock())))
+
+
+#: The VM's own status follows its instances one controller pass later.
+SETTLE_S = 1.0
+
+
+def settle(
+    client: BlixardClient,
+    details: VMDetails,
+    *,
+    within_s: float = SETTLE_S,
+    poll_s: float = POLL_INTERVAL_S / 4,
+) -> VMDetails:
+    """After a goal is observed, give the VM's summary a moment to catch up, so what
+    is printed agrees with what was waited for. Never fails: it only waits a little."""
+    deadline = time.monotonic() + within_s
+    while details.vm.status.observed_generation < details.vm.metadata.generation or (
+        details.vm.status.phase is VMPhase.PENDING and details.instances
+    ):
+        if time.monotonic() >= deadline:
+            break
+        time.sleep(poll_s)
+        details = client.get_vm(details.vm.metadata.name)
+    return details
