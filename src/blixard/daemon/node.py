@@ -64,7 +64,9 @@ async def open_store(config: NodeConfig) -> tuple[StateStore, dict[str, Any]]:
 def bind_api_socket(host: str, port: int) -> socket.socket:
     """Bind the API port ourselves, so "port in use" is a clear error, not a server log."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
+    # proto must say TCP: asyncio sets TCP_NODELAY on accepted sockets only when it does,
+    # and without it every kept-alive response waited ~40 ms for a delayed ACK.
+    sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
         sock.bind((host, port))
