@@ -28,6 +28,8 @@ from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from blixard.drivers.protocol import TaskState, TaskStatus
+
 _SHIM = r"""
 import os, signal, sys
 exit_file, log_path, argv = sys.argv[1], sys.argv[2], sys.argv[3:]
@@ -89,6 +91,19 @@ class Exit:
     @property
     def failed(self) -> bool:
         return self.code != 0
+
+    def status(self, subject: str = "", how: str = "") -> TaskStatus:
+        """As a driver reports it: "[how; ][subject ]exited with N", or "killed by signal N"."""
+        prefix = (f"{how}; " if how else "") + (f"{subject} " if subject else "")
+        if self.signal is not None:
+            return TaskStatus(
+                TaskState.EXITED,
+                signal=self.signal,
+                message=f"{prefix}killed by signal {self.signal}",
+            )
+        return TaskStatus(
+            TaskState.EXITED, exit_code=self.code, message=f"{prefix}exited with {self.code}"
+        )
 
 
 def pid_start_ticks(pid: int) -> int | None:

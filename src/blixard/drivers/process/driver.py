@@ -39,11 +39,7 @@ def _paths(handle: TaskHandle) -> tuple[Path, Path]:
 
 
 def _exited(result: executor.Exit) -> TaskStatus:
-    if result.signal is not None:
-        return TaskStatus(
-            TaskState.EXITED, signal=result.signal, message=f"killed by signal {result.signal}"
-        )
-    return TaskStatus(TaskState.EXITED, exit_code=result.code, message=f"exited with {result.code}")
+    return result.status()
 
 
 class ProcessDriver:

@@ -77,16 +77,7 @@ _ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
 
 
 def _exited(result: executor.Exit, how: str = "") -> TaskStatus:
-    prefix = f"{how}; " if how else ""
-    if result.signal is not None:
-        return TaskStatus(
-            TaskState.EXITED,
-            signal=result.signal,
-            message=f"{prefix}QEMU killed by signal {result.signal}",
-        )
-    return TaskStatus(
-        TaskState.EXITED, exit_code=result.code, message=f"{prefix}QEMU exited with {result.code}"
-    )
+    return result.status("QEMU", how)
 
 
 def console_tail(log: Path, lines: int = _TAIL_LINES) -> str:
