@@ -9,9 +9,11 @@ For every backend it measures, with 64-byte values on distinct keys, the same
 work done twice on the same database, in the same run:
 
 * ``blixard``: Blixard's store (``SqliteStore`` or ``EtcdStore``);
-* ``raw``: the thinnest client of the same layer. For etcd, a bare
-  ``httpx.AsyncClient`` posting the same JSON requests to the same gateway
-  endpoint of the same member (no validation, no failover, no error mapping).
+* ``raw``: the thinnest client of the same layer. For etcd, a minimal HTTP/1.1
+  client on asyncio streams (keep-alive connections in an unbounded LIFO list,
+  Content-Length or chunked bodies, nothing else) posting the same JSON
+  requests to the same gateway endpoint of the same member (no validation, no
+  failover, no error mapping, no bound on connections).
   For SQLite, Python's ``sqlite3`` on a second file with the store's settings
   (WAL, ``synchronous=FULL``) and schema, doing the equivalent work per put
   (an UPSERT of the key row plus a history row, one transaction, one commit)
@@ -29,9 +31,11 @@ then primed connection pool (see :func:`measure`): under 64 writers httpx's CPU
 cost per request depends on how many connections its pool holds, so the pool
 state must be equal too.
 
-On etcd a third client takes part in the put phases as a reference outside the
-ratio: a minimal HTTP/1.1 client on asyncio streams, showing what the same
-requests cost a Python client without httpx. Every etcd cluster is started
+On etcd a third client takes part in the put phases, the 64-writer phase
+included, as a reference outside the ratio: a bare ``httpx.AsyncClient`` with
+the pool limits EtcdStore had when it used httpx, showing in the same run what
+EtcdStore's own HTTP/1.1 client (``blixard.store.http1``) replaced. Every etcd
+cluster is started
 by the benchmark with Blixard's ``EtcdMember`` supervisor on free 127.0.0.1
 ports in a temporary directory, and stopped at the end, also on Ctrl-C or an
 error. Nothing printed is hard-coded: every figure is measured in the run.
@@ -88,8 +92,8 @@ GOAL_RATIO = 1.3
 #: What EtcdStore sends with every request (etcd refuses it on a member without a
 #: leader); the raw client sends it too, so etcd does the same work for both.
 ETCD_HEADERS = {"Grpc-Metadata-hasleader": "true"}
-#: The connection pool EtcdStore uses; the raw client gets the same one, so the
-#: 64-writer figures compare clients, not pool sizes.
+#: The httpx pool limits EtcdStore used before it had its own client; the httpx
+#: reference client gets them, so it shows what EtcdStore did then.
 ETCD_LIMITS = httpx.Limits(max_connections=256, max_keepalive_connections=64)
 #: Every client's bound on one call. Not Blixard's default (DEFAULT_TIMEOUT_S, 5 s):
 #: with 64 concurrent writers single etcd puts through httpx were measured taking
@@ -97,7 +101,8 @@ ETCD_LIMITS = httpx.Limits(max_connections=256, max_keepalive_connections=64)
 #: than the default are counted and reported instead.
 TIMEOUT_S = 30.0
 #: Rest before each chunk of the 64-writer phase on etcd: longer than httpx's
-#: keep-alive expiry, so every chunk starts with an empty pool (see measure()).
+#: keep-alive expiry, so every chunk of the httpx reference starts with an empty
+#: pool (see measure()). The other clients rest as long, which costs them nothing.
 POOL_IDLE_S = (ETCD_LIMITS.keepalive_expiry or 0.0) + 0.5
 MS = 1000.0
 
@@ -148,8 +153,12 @@ def _b64(raw: bytes) -> str:
     return base64.b64encode(raw).decode("ascii")
 
 
-class RawEtcdClient:
-    """The thinnest client of etcd's JSON gateway: post the JSON, read the JSON."""
+class HttpxEtcdClient:
+    """Reference only (not in the ratio): the same requests through a bare httpx client.
+
+    Post the JSON, read the JSON, with the pool limits EtcdStore had on httpx: what
+    EtcdStore's transport cost before ``blixard.store.http1``.
+    """
 
     def __init__(self, endpoint: str) -> None:
         self._client = httpx.AsyncClient(timeout=httpx.Timeout(TIMEOUT_S), limits=ETCD_LIMITS)
@@ -188,11 +197,12 @@ class RawEtcdClient:
 
 
 class StreamsEtcdClient:
-    """Reference only (not in the ratio): the same put over a minimal HTTP/1.1 client.
+    """The raw etcd client: the thinnest client of etcd's JSON gateway.
 
-    asyncio streams, keep-alive connections in a LIFO pool, Content-Length or
-    chunked bodies, nothing else: what the gateway protocol costs a Python
-    asyncio client without httpx.
+    A minimal HTTP/1.1 client on asyncio streams: keep-alive connections in an
+    unbounded LIFO list (a new one whenever none is idle), Content-Length or
+    chunked bodies, and nothing else: no bound, no liveness check, no error
+    handling, no timeout. Post the JSON, read the JSON.
     """
 
     def __init__(self, endpoint: str) -> None:
@@ -235,10 +245,30 @@ class StreamsEtcdClient:
         return int(data["header"]["revision"])
 
     async def get(self, key: str) -> bytes | None:
-        raise NotImplementedError  # only puts are measured with it
+        data = await self._post(b"/v3/kv/range", {"key": _b64(key.encode())})
+        kvs = data.get("kvs")
+        return base64.b64decode(kvs[0].get("value", "")) if kvs else None
 
     async def cas(self, key: str, mod_revision: int, value: bytes) -> int:
-        raise NotImplementedError
+        k = _b64(key.encode())
+        data = await self._post(
+            b"/v3/kv/txn",
+            {
+                "compare": [
+                    {
+                        "key": k,
+                        "target": "MOD",
+                        "result": "EQUAL",
+                        "mod_revision": str(mod_revision),
+                    }
+                ],
+                "success": [{"request_put": {"key": k, "value": _b64(value)}}],
+                "failure": [],
+            },
+        )
+        if not data.get("succeeded"):
+            raise CasFailed(key)
+        return int(data["header"]["revision"])
 
     async def close(self) -> None:
         for writer in self._all:
@@ -701,13 +731,13 @@ async def run_pair(
             figures[metric][name] = v
     notes = []
     for name, series in (("sequential", put_seq), (f"{CONCURRENCY} writers", put_conc)):
-        slow = {c: sum(x > DEFAULT_TIMEOUT_S for x in series[c].latencies) for c in clients}
+        slow = {c: sum(x > DEFAULT_TIMEOUT_S for x in series[c].latencies) for c in putters}
         if any(slow.values()):
+            counts = ", ".join(f"{c} {k}" for c, k in slow.items())
             notes.append(
-                f"puts ({name}) slower than {DEFAULT_TIMEOUT_S:g} s: blixard {slow['blixard']},"
-                f" raw {slow['raw']}, of {n} each; {DEFAULT_TIMEOUT_S:g} s is Blixard's default"
-                " timeout_s, which bounds the whole call: with it, such a Blixard put fails"
-                " with StoreUnavailable"
+                f"puts ({name}) slower than {DEFAULT_TIMEOUT_S:g} s: {counts}, of {n} each;"
+                f" {DEFAULT_TIMEOUT_S:g} s is Blixard's default timeout_s, which bounds the"
+                " whole call: with it, such a Blixard put fails with StoreUnavailable"
             )
     return figures, put_figures("reference") if reference is not None else {}, notes
 
@@ -786,17 +816,17 @@ async def bench_etcd(
         url = await _leader_url(cluster)
         clients: dict[str, Client] = {
             "blixard": BlixardClient(EtcdStore([url], timeout_s=TIMEOUT_S)),
-            "raw": RawEtcdClient(url),
+            "raw": StreamsEtcdClient(url),
         }
-        streams = StreamsEtcdClient(url)
+        httpx_client = HttpxEtcdClient(url)
         try:
             load_before = os.getloadavg()
             figures, reference, notes = await run_pair(
-                clients, n, rounds, warmup, streams, POOL_IDLE_S
+                clients, n, rounds, warmup, httpx_client, POOL_IDLE_S
             )
             load_after = os.getloadavg()
         finally:
-            for c in (*clients.values(), streams):
+            for c in (*clients.values(), httpx_client):
                 await c.close()
         after = await _leader_url(cluster)
         if after != url:
@@ -806,13 +836,14 @@ async def bench_etcd(
     which = "the leader" if size > 1 else "the only member"
     return BackendResult(
         f"etcd-{size}",
-        f"{size} member(s), both clients on {which} at {url}",
+        f"{size} member(s), every client on {which} at {url}",
         figures,
         notes,
         load_before,
         load_after,
         reference,
-        "the same puts, same member, over a minimal asyncio-streams HTTP/1.1 client (no httpx)",
+        "the same puts, same member, through a bare httpx.AsyncClient (EtcdStore's transport"
+        " before blixard.store.http1)",
     )
 
 
@@ -905,13 +936,15 @@ def render(result: BackendResult) -> str:
     )
     if result.reference:
         lines.append(f"   reference, not in the ratio: {result.reference_label}")
-        lines.append(f"   {'metric':<36} {'unit':>6} {'reference':>10} {'raw':>10} {'raw/ref':>12}")
+        lines.append(
+            f"   {'metric':<36} {'unit':>6} {'reference':>10} {'blixard':>10} {'blixard/ref':>12}"
+        )
         for m in METRICS:
             if m.name in result.reference:
-                ref, raw = result.reference[m.name], result.figures[m.name]["raw"]
+                ref, ours = result.reference[m.name], result.figures[m.name]["blixard"]
                 lines.append(
                     f"   {m.name:<36} {m.unit:>6} {_fmt(ref, m.unit):>10}"
-                    f" {_fmt(raw, m.unit):>10} {raw / ref:>11.2f}x"
+                    f" {_fmt(ours, m.unit):>10} {ours / ref:>11.2f}x"
                 )
     lines += [f"   note: {note}" for note in result.notes]
     return "\n".join(lines)

@@ -4,9 +4,14 @@ Why our own client and not a library: the Python etcd clients measured on these
 machines each fail a need (ENVIRONMENT.md): skipped events on watch resume,
 hangs on compacted watches, blind retries of transactions, protobuf clashes.
 etcd's gRPC gateway speaks the same v3 API as JSON over HTTP, which is what
-Patroni does; with httpx it gives us TLS client certificates, connection
-pooling and streaming, and all of it fits in this one module, judged by the
-same conformance suite as the SQLite backend.
+Patroni does. The HTTP/1.1 under it is our own too (:mod:`blixard.store.http1`:
+a bounded keep-alive pool per endpoint on asyncio streams, TLS client
+certificates, chunked streams for watches). httpx, used before, managed 40-105
+puts/s under 64 concurrent callers, with single puts waiting past the timeout;
+this client does 15-25 times as many (docs/benchmarks.md, run L), and it tells
+"provably not sent" from "outcome unknown", which the failover rule below needs.
+All etcd calls fit in this one module, judged by the same conformance suite as
+the SQLite backend.
 
 Rules this module keeps:
 
@@ -14,9 +19,10 @@ Rules this module keeps:
   is :class:`StoreUnavailable`, never a hang.
 * Several endpoints with failover. Reads and lease keepalives move on to the
   next endpoint on any transport failure. Writes move on only when the
-  request provably did not reach etcd (connection refused, or "no leader"
-  answered before proposing); any other failure of a write is ambiguous and
-  raised as StoreUnavailable, never retried blindly.
+  request provably did not reach etcd (connection refused, TLS handshake
+  refused, or "no leader" answered before proposing: ``http1.NotSent``); any
+  other failure of a write is ambiguous (``http1.OutcomeUnknown``) and raised
+  as StoreUnavailable, never retried blindly.
 * Watches track the revision of the last event they delivered and, after a
   broken stream, resume from the next one on another endpoint: no loss, no
   repeat. They ask etcd to cancel them when their member loses its leader
@@ -32,12 +38,10 @@ import contextlib
 import json
 import ssl
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-
-import httpx
 
 from blixard.domain.errors import (
     BlixardError,
@@ -47,6 +51,12 @@ from blixard.domain.errors import (
     StoreError,
     StoreUnavailable,
     ValidationError,
+)
+from blixard.store.http1 import (
+    DEFAULT_MAX_CONNECTIONS,
+    ConnectionPool,
+    HttpError,
+    NotSent,
 )
 from blixard.store.protocol import (
     DEFAULT_TIMEOUT_S,
@@ -246,12 +256,18 @@ class EtcdStore:
         self.endpoints = [url.rstrip("/") for url in endpoints]
         self.timeout_s = timeout_s
         self._preferred = 0
-        verify: ssl.SSLContext | bool = tls.context() if tls else True
-        self._client = httpx.AsyncClient(
-            verify=verify,
-            timeout=httpx.Timeout(timeout_s),
-            limits=httpx.Limits(max_connections=256, max_keepalive_connections=64),
-        )
+        # https:// without TlsConfig verifies against the system's CAs.
+        context = tls.context() if tls else None
+        self._pools = [
+            ConnectionPool(
+                url,
+                ssl_context=context,
+                max_connections=DEFAULT_MAX_CONNECTIONS,
+                connect_timeout_s=timeout_s,
+                headers=_REQUIRE_LEADER,
+            )
+            for url in self.endpoints
+        ]
         self._closed = False
 
     # --- transport -----------------------------------------------------------------------
@@ -260,31 +276,36 @@ class EtcdStore:
         n = len(self.endpoints)
         return [(self._preferred + i) % n for i in range(n)]
 
-    async def _post_once(self, index: int, path: str, body: dict[str, Any]) -> dict[str, Any]:
-        url = self.endpoints[index] + path
+    async def _post_once(
+        self, index: int, path: str, body: dict[str, Any], *, idempotent: bool
+    ) -> dict[str, Any]:
         try:
-            resp = await self._client.post(url, json=body, headers=_REQUIRE_LEADER)
-        except (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout) as exc:
-            raise _NotSent(f"{self.endpoints[index]}: {exc}") from exc
-        except ssl.SSLError as exc:
-            # A refused TLS handshake (TLS 1.3 reports a refused client certificate
-            # on the first read): etcd never saw an HTTP request.
-            raise _NotSent(f"{self.endpoints[index]}: TLS: {exc}") from exc
-        except httpx.TransportError as exc:
+            resp = await self._pools[index].request(
+                "POST", path, json_body=body, idempotent=idempotent
+            )
+        except NotSent as exc:
+            # Connect refused or failed, TLS handshake refused: etcd never saw the request.
+            raise _NotSent(str(exc)) from exc
+        except HttpError as exc:
             raise StoreUnavailable(
                 f"etcd {self.endpoints[index]}: {type(exc).__name__}: {exc}"
             ) from exc
         try:
-            data: dict[str, Any] = resp.json()
+            data = resp.json()
         except ValueError as exc:
             raise StoreUnavailable(
-                f"etcd {self.endpoints[index]} answered HTTP {resp.status_code} with no JSON"
+                f"etcd {self.endpoints[index]} answered HTTP {resp.status} with no JSON"
             ) from exc
-        if resp.status_code != 200 or "error" in data:
+        if not isinstance(data, dict):
+            raise StoreUnavailable(
+                f"etcd {self.endpoints[index]} answered HTTP {resp.status} with"
+                f" {type(data).__name__}, not a JSON object"
+            )
+        if resp.status != 200 or "error" in data:
             raise _EtcdAnswer(
                 int(data.get("code", 2)),
                 str(data.get("message", data.get("error", ""))),
-                resp.status_code,
+                resp.status,
             )
         return data
 
@@ -298,7 +319,7 @@ class EtcdStore:
                 while True:
                     for index in self._endpoint_order():
                         try:
-                            data = await self._post_once(index, path, body)
+                            data = await self._post_once(index, path, body, idempotent=idempotent)
                         except _NotSent as exc:
                             failures.append(str(exc))
                             continue
@@ -442,15 +463,19 @@ class EtcdStore:
                 return
             for index in self._endpoint_order():
                 try:
-                    async for events in self._watch_stream(index, raw, next_rev):
-                        first_try_of_outage = None  # the stream is up (or delivering)
-                        if not events:
-                            continue
-                        for ev in events:
-                            if ev.revision < next_rev:  # never repeat an event
+                    # aclosing: a caller that stops watching closes the stream's
+                    # connection now, not whenever the generator is collected.
+                    stream = self._watch_stream(index, raw, next_rev)
+                    async with contextlib.aclosing(stream):
+                        async for events in stream:
+                            first_try_of_outage = None  # the stream is up (or delivering)
+                            if not events:
                                 continue
-                            yield ev
-                        next_rev = max(next_rev, events[-1].revision + 1)
+                            for ev in events:
+                                if ev.revision < next_rev:  # never repeat an event
+                                    continue
+                                yield ev
+                            next_rev = max(next_rev, events[-1].revision + 1)
                 except (_NotSent, _StreamBroken) as exc:
                     last_error = str(exc)
                     continue
@@ -464,7 +489,9 @@ class EtcdStore:
                 )
             await asyncio.sleep(_WATCH_RETRY_S)
 
-    async def _watch_stream(self, index: int, key: bytes, start: int) -> AsyncIterator[list[Event]]:
+    async def _watch_stream(
+        self, index: int, key: bytes, start: int
+    ) -> AsyncGenerator[list[Event], None]:
         """One watch stream on one endpoint; yields each response's events as a batch
         (an empty batch once the watch is created)."""
         body = {
@@ -474,46 +501,46 @@ class EtcdStore:
                 "start_revision": str(start),
             }
         }
-        url = self.endpoints[index] + "/v3/watch"
-        timeout = httpx.Timeout(self.timeout_s, read=None)
+        endpoint = self.endpoints[index]
         try:
-            async with self._client.stream(
-                "POST", url, json=body, headers=_REQUIRE_LEADER, timeout=timeout
-            ) as resp:
-                if resp.status_code != 200:
-                    raise _StreamBroken(f"{self.endpoints[index]}: HTTP {resp.status_code}")
+            # A connection of its own, no read timeout: a watch may be idle for hours.
+            async with self._pools[index].stream("POST", "/v3/watch", json_body=body) as resp:
+                if resp.status != 200:
+                    raise _StreamBroken(f"{endpoint}: HTTP {resp.status}")
                 self._preferred = index
-                async for line in resp.aiter_lines():
-                    if not line.strip():
-                        continue
-                    msg = json.loads(line)
-                    if "error" in msg:
-                        raise _StreamBroken(f"{self.endpoints[index]}: {msg['error']}")
-                    result = msg.get("result", {})
-                    if result.get("created"):
-                        yield []  # tells the caller the stream is established
-                    compact_rev = _int(result, "compact_revision")
-                    if compact_rev:
-                        raise Compacted(start, compact_rev)
-                    if result.get("canceled"):
-                        reason = result.get("cancel_reason", "canceled by etcd")
-                        raise _StreamBroken(f"{self.endpoints[index]}: {reason}")
-                    events = [
-                        Event(
-                            EventType.DELETE if ev.get("type") == "DELETE" else EventType.PUT,
-                            _kv(ev["kv"]),
-                        )
-                        for ev in result.get("events", [])
-                    ]
-                    if events:
-                        yield events
-                raise _StreamBroken(f"{self.endpoints[index]}: watch stream ended")
-        except (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout, ssl.SSLError) as exc:
-            raise _NotSent(f"{self.endpoints[index]}: {exc}") from exc
-        except httpx.TransportError as exc:
-            raise _StreamBroken(f"{self.endpoints[index]}: {type(exc).__name__}: {exc}") from exc
+                lines = resp.aiter_lines()
+                async with contextlib.aclosing(lines):
+                    async for line in lines:
+                        if not line.strip():
+                            continue
+                        msg = json.loads(line)
+                        if "error" in msg:
+                            raise _StreamBroken(f"{endpoint}: {msg['error']}")
+                        result = msg.get("result", {})
+                        if result.get("created"):
+                            yield []  # tells the caller the stream is established
+                        compact_rev = _int(result, "compact_revision")
+                        if compact_rev:
+                            raise Compacted(start, compact_rev)
+                        if result.get("canceled"):
+                            reason = result.get("cancel_reason", "canceled by etcd")
+                            raise _StreamBroken(f"{endpoint}: {reason}")
+                        events = [
+                            Event(
+                                EventType.DELETE if ev.get("type") == "DELETE" else EventType.PUT,
+                                _kv(ev["kv"]),
+                            )
+                            for ev in result.get("events", [])
+                        ]
+                        if events:
+                            yield events
+                raise _StreamBroken(f"{endpoint}: watch stream ended")
+        except NotSent as exc:
+            raise _NotSent(str(exc)) from exc
+        except HttpError as exc:
+            raise _StreamBroken(f"{endpoint}: {type(exc).__name__}: {exc}") from exc
         except json.JSONDecodeError as exc:
-            raise _StreamBroken(f"{self.endpoints[index]}: bad watch message: {exc}") from exc
+            raise _StreamBroken(f"{endpoint}: bad watch message: {exc}") from exc
 
     # --- leases --------------------------------------------------------------------------
 
@@ -561,7 +588,7 @@ class EtcdStore:
 
     async def close(self) -> None:
         self._closed = True
-        await self._client.aclose()
+        await asyncio.gather(*(pool.close() for pool in self._pools))
 
 
 class _StreamBroken(Exception):
