@@ -199,6 +199,33 @@ def test_process_driver_vm(node: RunningNode) -> None:
     node.ok("vm", "delete", "worker")
 
 
+def test_scale_up_and_down_with_the_cli(node: RunningNode) -> None:
+    node.ok("vm", "create", "pool", "--command", "sleep 600", "--memory", "32M")
+    node.ok("vm", "scale", "pool", "--replicas", "3")
+    states = [i["status"]["state"] for i in node.status("pool")["instances"]]
+    assert states == ["running"] * 3
+    node.ok("vm", "scale", "pool", "--replicas", "1")
+    assert [i["metadata"]["name"] for i in node.status("pool")["instances"]] == ["pool-0"]
+    res = node.cli("vm", "scale", "pool", "--replicas", "-1")
+    assert res.returncode == 2 and "--replicas" in res.stderr and "Traceback" not in res.stderr
+    node.ok("vm", "delete", "pool")
+
+
+def test_a_constraint_no_node_meets_says_why_and_places_nothing(node: RunningNode) -> None:
+    node.ok(
+        "vm", "create", "picky", "--command", "sleep 600", "--memory", "32M",
+        "--constraint", "storage=nvme", "--no-wait",
+    )  # fmt: skip
+    status = until(
+        "a placement verdict",
+        lambda: (s := node.status("picky"))["vm"]["status"]["message"] and s,
+    )
+    message = status["vm"]["status"]["message"]
+    assert "no node can run it" in message and "storage=nvme" in message, message
+    assert [i["spec"]["node"] for i in status["instances"]] == [None]
+    node.ok("vm", "delete", "picky")
+
+
 @pytest.mark.parametrize(
     ("args", "code", "needle"),
     [

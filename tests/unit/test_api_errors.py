@@ -95,10 +95,20 @@ async def test_openapi_describes_every_route(api: Api) -> None:
         "/v1/vms/{name}/start": {"post"},
         "/v1/vms/{name}/stop": {"post"},
         "/v1/vms/{name}/restart": {"post"},
+        "/v1/vms/{name}/scale": {"post"},
         "/v1/vms/{name}/logs": {"get"},
         "/v1/instances": {"get"},
         "/v1/nodes": {"get"},
         "/v1/nodes/{name}": {"get"},
+        "/v1/cluster": {"get"},
+        "/v1/cluster/join": {"post"},
+        "/v1/cluster/join-token": {"post"},
+        "/v1/cluster/leave": {"post"},
+        "/v1/cluster/nodes": {"get"},
+        "/v1/cluster/nodes/{name}": {"delete"},
+        "/v1/cluster/nodes/{name}/cordon": {"post"},
+        "/v1/cluster/nodes/{name}/uncordon": {"post"},
+        "/v1/cluster/nodes/{name}/drain": {"post"},
     }
     assert {p: set(ops) for p, ops in paths.items()} == expected
     for path, ops in paths.items():

@@ -355,3 +355,41 @@ async def test_command_must_be_an_executable_file(api: Api, tmp_path: Path) -> N
     assert await api.keys() == []
     script.chmod(0o755)
     await _create(api, vm_doc(boot={"command": [str(script)]}))
+
+
+async def test_scale_sets_replicas_and_bumps_the_generation(api: Api) -> None:
+    await _create(api, vm_doc())
+    resp = await api.call("POST", "/v1/vms/web/scale", json={"replicas": 3})
+    assert resp.status_code == 200, resp.text
+    stored = await api.objects.get(VM, "web")
+    assert stored.spec.replicas == 3 and stored.metadata.generation == 2
+    resp = await api.call("POST", "/v1/vms/web/scale", json={"replicas": 0})
+    assert resp.status_code == 200 and (await api.objects.get(VM, "web")).spec.replicas == 0
+
+
+@pytest.mark.parametrize(
+    ("body", "field", "reason"),
+    [
+        ({"replicas": -1}, "replicas", "greater than or equal to 0"),
+        ({"replicas": 1001}, "replicas", "less than or equal to 1000"),
+        ({"replicas": "3"}, "replicas", "integer"),
+        ({}, "replicas", "required"),
+        ({"replicas": 2, "extra": 1}, "extra", "unknown field"),
+        ([3], "(root)", "object"),
+    ],
+)
+async def test_scale_refuses_bad_counts_and_changes_nothing(
+    api: Api, body: Any, field: str, reason: str
+) -> None:
+    await _create(api, vm_doc())
+    resp = await api.call("POST", "/v1/vms/web/scale", json=body)
+    assert resp.status_code == 400, resp.text
+    error = resp.json()["error"]
+    assert error["field"] == field and reason in error["message"].lower(), error
+    stored = await api.objects.get(VM, "web")
+    assert stored.spec.replicas == 1 and stored.metadata.generation == 1
+
+
+async def test_scale_of_an_unknown_vm_is_404(api: Api) -> None:
+    resp = await api.call("POST", "/v1/vms/ghost/scale", json={"replicas": 2})
+    assert resp.status_code == 404 and "ghost" in resp.json()["error"]["message"]

@@ -104,3 +104,30 @@ def test_name_document() -> None:
     with pytest.raises(ValidationError) as info:
         name_document({"metadata": {"name": "db"}}, "web", "f.yaml")
     assert info.value.field == "NAME" and "f.yaml names the VM 'db'" in info.value.reason
+
+
+def test_placement_flags_become_the_placement_document() -> None:
+    flags = VMFlags(
+        command="sleep 1",
+        node_selector="disk=ssd, zone=a",
+        constraint="storage=nvme,memory>=32G",
+        anti_affinity="web,db",
+        strategy="spread",
+        fencing="pause",
+    )
+    spec = document_from_flags("web", flags)["spec"]
+    assert spec["fencing"] == "pause"
+    assert spec["placement"] == {
+        "node_selector": {"disk": "ssd", "zone": "a"},
+        "constraints": "storage=nvme,memory>=32G",
+        "anti_affinity_groups": ["web", "db"],
+        "strategy": "spread",
+    }
+    assert "placement" not in document_from_flags("web", VMFlags(command="sleep 1"))["spec"]
+
+
+@pytest.mark.parametrize("bad", ["disk", "=ssd", "disk=ssd,,"])
+def test_a_malformed_node_selector_is_refused(bad: str) -> None:
+    with pytest.raises(ValidationError) as err:
+        document_from_flags("web", VMFlags(command="sleep 1", node_selector=bad))
+    assert err.value.field == "--node-selector"

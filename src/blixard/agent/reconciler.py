@@ -27,6 +27,7 @@ import asyncio
 import contextlib
 import json
 import shutil
+import signal
 import time
 from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass, field
@@ -45,7 +46,7 @@ from blixard.domain.errors import (
 )
 from blixard.domain.instance import DesiredState, Instance, InstanceStatus, ObservedState
 from blixard.domain.keys import Kind, kind_prefix, parse_object_key
-from blixard.domain.vm import VM, Hypervisor, RestartMode, RestartPolicy
+from blixard.domain.vm import VM, Fencing, Hypervisor, RestartMode, RestartPolicy
 from blixard.drivers import executor
 from blixard.drivers.protocol import (
     Driver,
@@ -76,6 +77,9 @@ class LocalTask:
     uid: str = ""
     #: The restart policy the task was started with (the exit watcher needs it at once).
     policy: RestartPolicy = field(default_factory=RestartPolicy)
+    fencing: Fencing = Fencing.STOP
+    #: The task was ended by the fencing deadline: start it again without counting a failure.
+    fenced_out: bool = False
     handle: TaskHandle | None = None
     status: TaskStatus | None = None
     applied_restart_generation: int = 0
@@ -116,6 +120,8 @@ class Agent:
         resync_s: float = 5.0,
         stable_after_s: float = 30.0,
         clock: Callable[[], float] = time.monotonic,
+        lease_remaining: Callable[[], float | None] | None = None,
+        fence_margin_s: float = 1.0,
     ) -> None:
         self.store = store
         self.objects = ObjectStore(store)
@@ -126,22 +132,32 @@ class Agent:
         self.resync_s = resync_s
         self.stable_after_s = stable_after_s
         self.clock = clock
+        #: How long this node's liveness lease is still proven to live (None: no lease);
+        #: None as a whole means no fencing (a single node on its embedded store).
+        self.lease_remaining = lease_remaining
+        self.fence_margin_s = fence_margin_s
         self.tasks: dict[str, LocalTask] = {}
         self._wake: dict[str, asyncio.Event] = {}
         self._workers: dict[str, asyncio.Task[None]] = {}
         self._main: asyncio.Task[None] | None = None
+        self._fence_keeper: asyncio.Task[None] | None = None
+        self._fence_written = -1.0
 
     # --- lifecycle ------------------------------------------------------------------------
 
     async def start(self) -> None:
         """Re-attach to the tasks left by a previous run, then follow the store."""
         self.run_root.mkdir(parents=True, exist_ok=True)
+        if self.lease_remaining is not None:
+            self._publish_fence_deadline()
+            self._fence_keeper = asyncio.create_task(self._keep_fence_deadline())
         await self._recover_all()
         self._main = asyncio.create_task(self._follow())
 
     async def close(self) -> None:
         """Stop reconciling. Tasks keep running: the next agent re-attaches to them."""
-        pending = [t for t in (self._main, *self._workers.values()) if t is not None]
+        tasks = (self._main, self._fence_keeper, *self._workers.values())
+        pending = [t for t in tasks if t is not None]
         pending += [t.watcher for t in self.tasks.values() if t.watcher is not None]
         for task in pending:
             task.cancel()
@@ -155,6 +171,59 @@ class Agent:
         if local is None or local.handle is None:
             raise NotFound(f"instance {instance!r} has no task on node {self.node_id}")
         return self.drivers[local.hypervisor].logs(local.handle, follow=follow)
+
+    # --- fencing ----------------------------------------------------------------------------
+
+    def may_run(self) -> bool:
+        """False while this node cannot prove its lease lives beyond the fencing margin."""
+        if self.lease_remaining is None:
+            return True
+        remaining = self.lease_remaining()
+        return remaining is not None and remaining > self.fence_margin_s
+
+    def fence_deadline(self) -> float:
+        """Until when (our clock) a store answer received now may still be acted on."""
+        if self.lease_remaining is None:
+            return float("inf")
+        remaining = self.lease_remaining()
+        if remaining is None:
+            return float("-inf")
+        return self.clock() + remaining - self.fence_margin_s
+
+    def _fence_target(self, fencing: Fencing) -> Path | None:
+        if self.lease_remaining is None or fencing is Fencing.NONE:
+            return None
+        return self.run_root / f"fence-{fencing.value}"
+
+    def _publish_fence_deadline(self) -> None:
+        """Write the deadline every fenced task's shim obeys: lease end minus the margin."""
+        assert self.lease_remaining is not None
+        remaining = self.lease_remaining()
+        now = self.clock()
+        deadline = 0.0 if remaining is None else now + remaining - self.fence_margin_s
+        if abs(deadline - self._fence_written) < 0.05:
+            return
+        for fencing in (Fencing.STOP, Fencing.PAUSE):
+            executor.write_fence(self.run_root / f"fence-{fencing.value}", deadline, fencing.value)
+        was_fenced = self._fence_written <= now
+        self._fence_written = deadline
+        if was_fenced and deadline > now:
+            log.info("lease proven again; instances may run", node=self.node_id)
+            for name in list(self.tasks):
+                self._wake_up(name)
+
+    async def _keep_fence_deadline(self) -> None:
+        fenced = False
+        while True:
+            self._publish_fence_deadline()
+            late = self.clock() >= self._fence_written
+            if late and not fenced:
+                log.warning(
+                    "cannot prove this node's lease: fencing its exclusive instances",
+                    node=self.node_id,
+                )
+            fenced = late
+            await asyncio.sleep(0.1)
 
     # --- recovery ---------------------------------------------------------------------------
 
@@ -171,6 +240,7 @@ class Agent:
                     applied_restart_generation=int(record.get("restart_generation", 0)),
                     restarts=int(record.get("restarts", 0)),
                     stopping=bool(record.get("stopping", False)),
+                    fencing=Fencing(record.get("fencing", Fencing.STOP.value)),
                 )
             except (OSError, ValueError, KeyError) as exc:
                 log.warning(
@@ -272,13 +342,19 @@ class Agent:
         local = self.tasks.get(name)
         mine = inst is not None and inst.spec.node == self.node_id
         vm = await self.objects.find(VM, inst.spec.vm) if inst is not None and mine else None
-        if inst is None or not mine or vm is None:
+        if inst is None or not mine:
             if local is not None:
                 # Deleted: stop it gracefully. Assigned elsewhere: kill it now, the
                 # other node may already run it (never two copies).
-                gone = inst is None or (mine and vm is None)
-                why = "deleted" if gone or inst is None else f"moved to {inst.spec.node}"
-                await self._remove(local, graceful=gone, why=why)
+                why = "deleted" if inst is None else f"moved to {inst.spec.node}"
+                await self._remove(local, graceful=inst is None, why=why)
+            return
+        if vm is None:
+            # The VM is gone; the controller deletes the instance once we report it stopped.
+            if local is not None:
+                await self._remove(local, graceful=True, why="its VM was deleted")
+            gone = LocalTask(name, inst.spec.vm, Hypervisor.PROCESS, epoch=inst.spec.epoch)
+            await self._report(inst, gone, ObservedState.STOPPED, "its VM was deleted")
             return
         uid = str(inst.metadata.uid or "")
         if local is not None and (local.epoch != inst.spec.epoch or local.uid != uid):
@@ -309,6 +385,27 @@ class Agent:
             why = f"node {self.node_id} has no {vm.spec.hypervisor.value} driver"
             await self._report(inst, local, ObservedState.FAILED, why)
             return
+        if local.running and local.handle is not None:
+            marker = Path(local.handle.run_dir) / executor.FENCED_PAUSED
+            if marker.exists():
+                if not self.may_run():
+                    self._wake_up(local.name, after_s=0.5)
+                    return
+                # Still ours at this epoch (the report is a compare-and-swap): resume it,
+                # unless the answer came after the deadline that held when we asked.
+                deadline = self.fence_deadline()
+                if not await self._report(
+                    inst, local, ObservedState.RUNNING, "resumed after fencing", force=True
+                ):
+                    return
+                if self.clock() >= deadline:
+                    self._wake_up(local.name, after_s=0.5)
+                    return
+                executor.signal_group(
+                    local.handle.pid, local.handle.pid_start_ticks, signal.SIGCONT
+                )
+                marker.unlink(missing_ok=True)
+                log.info("resumed after fencing", instance=local.name)
         if local.running:
             if inst.spec.restart_generation > local.applied_restart_generation:
                 log.info("restart requested", instance=local.name)
@@ -356,9 +453,17 @@ class Agent:
             await self._report(inst, local, ObservedState.FAILED, why)
             self._wake_up(local.name, after_s=wait)
             return
+        if not self.may_run():
+            why = "waiting: this node cannot prove its lease (fenced)"
+            await self._report(inst, local, ObservedState.PENDING, why)
+            self._wake_up(local.name, after_s=0.5)
+            return
         local.applied_restart_generation = inst.spec.restart_generation
         again = crashed or boot_failed
-        await self._start(inst, vm, local, driver, reason="restarted" if again else "", count=again)
+        reason = "restarted" if again else ""
+        if local.fenced_out:
+            reason, local.fenced_out = "restarted after fencing", False
+        await self._start(inst, vm, local, driver, reason=reason, count=again)
 
     async def _ensure_stopped(self, inst: Instance, local: LocalTask) -> None:
         if local.running:
@@ -388,8 +493,24 @@ class Agent:
             local.restarts += 1
         local.stopping = False
         local.policy = vm.spec.restart
+        local.fencing = vm.spec.fencing
+        # The start is announced with a compare-and-swap that checks node and epoch
+        # first: a controller that reassigned the instance meanwhile wins, and we
+        # never start a copy it may already run elsewhere.
+        deadline = self.fence_deadline()
+        if not await self._report(
+            inst, local, ObservedState.STARTING, reason or "starting", force=True
+        ):
+            log.info("not starting: the instance moved", instance=local.name)
+            return
+        if self.clock() >= deadline:
+            # The store said "yours" after our lease could have expired: that answer
+            # proves nothing any more (the instance may run elsewhere by now).
+            log.info("not starting: the store answered after the fencing deadline")
+            self._wake_up(local.name, after_s=0.5)
+            return
         self._save(local, run_dir)  # no handle yet: marks a start in progress
-        await self._report(inst, local, ObservedState.STARTING, reason or "starting")
+        executor.link_fence(run_dir, self._fence_target(vm.spec.fencing))
         try:
             handle = await driver.start(local.name, vm.spec, run_dir)
         except (BlixardError, OSError) as exc:  # BootFailed, DriverError, bad spec, spawn
@@ -420,6 +541,10 @@ class Agent:
             return
         local.stopping = True
         driver = self.drivers[local.hypervisor]
+        if _fence_paused(local.handle):
+            # A graceful stop would let it run (SIGCONT, a guest shutdown) after its
+            # fencing deadline, while the cluster may run it elsewhere: kill it.
+            executor.kill_group(local.handle.pid, local.handle.pid_start_ticks)
         local.status = await driver.stop(local.handle, self.stop_timeout_s)
 
     async def _remove(self, local: LocalTask, *, graceful: bool, why: str) -> None:
@@ -429,7 +554,7 @@ class Agent:
             local.watcher.cancel()
         if local.handle is not None:
             driver = self.drivers[local.hypervisor]
-            if graceful and local.running:
+            if graceful and local.running and not _fence_paused(local.handle):
                 with contextlib.suppress(BlixardError):
                     await driver.stop(local.handle, min(self.stop_timeout_s, 10.0))
             await driver.destroy(local.handle)
@@ -454,7 +579,10 @@ class Agent:
             if local.handle is not handle:
                 return
             local.status = status
-            if not local.stopping:
+            if status.fenced:
+                log.warning("task fenced", instance=local.name)
+                local.stopping, local.fenced_out = True, True
+            elif not local.stopping:
                 log.warning("task exited", instance=local.name, status=_describe(status))
                 if self.clock() - local.started_mono >= self.stable_after_s:
                     local.failures = 0  # it had been up long enough: start the backoff afresh
@@ -475,6 +603,7 @@ class Agent:
             "stopping": local.stopping,
             "restart_generation": local.applied_restart_generation,
             "restarts": local.restarts,
+            "fencing": local.fencing.value,
             "handle": local.handle.to_dict() if local.handle is not None else None,
         }
         tmp = run_dir / (RECORD + ".tmp")
@@ -482,8 +611,19 @@ class Agent:
         tmp.replace(run_dir / RECORD)
 
     async def _report(
-        self, inst: Instance, local: LocalTask, state: ObservedState, message: str
-    ) -> None:
+        self,
+        inst: Instance,
+        local: LocalTask,
+        state: ObservedState,
+        message: str,
+        *,
+        force: bool = False,
+    ) -> bool:
+        """Write what we observe, if the instance is still ours at our epoch; say if it is.
+
+        ``force`` writes even an unchanged status, so the answer is checked
+        against the store now rather than against the instance as last read.
+        """
         status = InstanceStatus(
             state=state,
             node=self.node_id,
@@ -497,8 +637,8 @@ class Agent:
             started_at=local.started_at,
             updated_at=inst.status.updated_at,
         )
-        if status == inst.status:
-            return
+        if status == inst.status and not force:
+            return True
         status = status.model_copy(update={"updated_at": datetime.now(UTC)})
 
         def change(current: Instance) -> Instance:
@@ -506,8 +646,15 @@ class Agent:
                 raise _NotOurs
             return current.model_copy(update={"status": status})
 
-        with contextlib.suppress(_NotOurs, NotFound):
+        try:
             await self.objects.modify(Instance, inst.metadata.name, change)
+        except (_NotOurs, NotFound):
+            return False
+        return True
+
+
+def _fence_paused(handle: TaskHandle) -> bool:
+    return (Path(handle.run_dir) / executor.FENCED_PAUSED).exists()
 
 
 def _observed(status: TaskStatus | None) -> ObservedState:

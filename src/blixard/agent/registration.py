@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -21,7 +21,7 @@ import structlog
 from blixard.domain.errors import LeaseNotFound, StoreError
 from blixard.domain.keys import NODE_LEASES_PREFIX
 from blixard.domain.meta import ObjectMeta
-from blixard.domain.node import KvmState, Node, NodeSpec, NodeStatus
+from blixard.domain.node import KvmState, Node, NodeRole, NodeSpec, NodeStatus
 from blixard.domain.vm import Hypervisor
 from blixard.store.objects import ObjectStore
 from blixard.store.protocol import StateStore
@@ -48,7 +48,14 @@ class NodeRegistration:
         kvm: KvmState = KvmState.ABSENT,
         kvm_detail: str = "",
         vcpu_overcommit: float = 1.0,
+        roles: Sequence[NodeRole] | None = None,
+        zone: str | None = None,
+        labels: Mapping[str, str] | None = None,
     ) -> None:
+        """``roles``, ``labels`` and ``zone`` come from the node's configuration and
+        replace the record's at every registration. ``roles=None`` keeps the record's
+        roles; ``labels=None`` keeps its labels and zone (``zone`` counts only with labels).
+        """
         self.store = store
         self.objects = ObjectStore(store)
         self.node_id = node_id
@@ -61,6 +68,9 @@ class NodeRegistration:
         self.kvm = kvm
         self.kvm_detail = kvm_detail
         self.vcpu_overcommit = vcpu_overcommit
+        self.roles = list(roles) if roles is not None else None
+        self.zone = zone
+        self.labels = dict(labels) if labels is not None else None
         self.lease_id = 0
         #: Until when (own monotonic clock) the last keepalive proves the lease lives.
         self.valid_until = 0.0
@@ -84,16 +94,27 @@ class NodeRegistration:
             "last_heartbeat": now,
         }
 
+        configured: dict[str, object] = {"api_url": self.api_url}
+        if self.roles is not None:
+            configured["roles"] = self.roles
+        if self.labels is not None:  # the zone comes with the labels: both are configuration
+            configured["zone"] = self.zone
+
         def refresh(node: Node) -> Node:
-            spec = node.spec.model_copy(update={"api_url": self.api_url})
+            spec = node.spec.model_copy(update=configured)
             status = node.status.model_copy(update=facts)
-            return node.model_copy(update={"spec": spec, "status": status})
+            meta = node.metadata
+            if self.labels is not None:
+                meta = meta.model_copy(update={"labels": self.labels})
+            return node.model_copy(update={"metadata": meta, "spec": spec, "status": status})
 
         existing = await self.objects.find(Node, self.node_id)
         if existing is None:
             node = Node(
-                metadata=ObjectMeta(name=self.node_id, generation=1, created_at=now),
-                spec=NodeSpec(api_url=self.api_url),
+                metadata=ObjectMeta(
+                    name=self.node_id, generation=1, created_at=now, labels=self.labels or {}
+                ),
+                spec=NodeSpec.model_validate(configured),
                 status=NodeStatus.model_validate(facts),
             )
             record = await self.objects.create(node)
@@ -122,13 +143,22 @@ class NodeRegistration:
 
         await self.objects.modify(Node, self.node_id, change)
 
+    def lease_remaining(self) -> float | None:
+        """How long our lease is still proven to live, by our own clock (None: no lease)."""
+        return self.valid_until - self.clock() if self.lease_id else None
+
     def alive(self) -> bool:
         """True while the last keepalive proves our lease still lives."""
         return self.lease_id != 0 and self.clock() < self.valid_until
 
     async def _keepalive(self, ttl_s: int) -> None:
+        # Paced by the clock, not by the answers: a slow answer must not push the next
+        # keepalive past the fencing deadline (the simulation found tasks fenced
+        # with their lease alive when each sleep started after a 1 s answer).
+        next_at = self.clock()
         while True:
-            await asyncio.sleep(ttl_s / 3)
+            next_at = max(next_at + ttl_s / 3, self.clock() - ttl_s / 3)
+            await asyncio.sleep(max(0.0, next_at - self.clock()))
             sent = self.clock()
             try:
                 ttl = await self.store.lease_keepalive(self.lease_id)
@@ -149,13 +179,18 @@ class NodeRegistration:
         self.valid_until = sent + lease.ttl_s
         await self.store.put(self.liveness_key, self.node_id.encode(), lease=lease.id)
 
-    async def close(self) -> None:
-        """Leave cleanly: stop keepalives and revoke the lease (the liveness key goes with it)."""
+    async def close(self, *, revoke: bool = True) -> None:
+        """Stop keepalives; with ``revoke``, also end the lease (the liveness key goes with it).
+
+        In a cluster the daemon does not revoke on a clean stop: its fenced tasks
+        live until their deadline, and a revoked lease would let the controller
+        start them elsewhere first (docs/failover.md, "What a daemon restart means").
+        """
         if self._task is not None:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
-        if self.lease_id:
+        if self.lease_id and revoke:
             with contextlib.suppress(StoreError):
                 await self.store.lease_revoke(self.lease_id)
         self.lease_id = 0

@@ -23,6 +23,7 @@ from fastapi.responses import JSONResponse
 from blixard import __version__
 from blixard.api.auth import BearerAuthMiddleware, TokenAuthority
 from blixard.api.checks import NodeFacts
+from blixard.api.cluster import ClusterOps, NoCluster, cluster_router
 from blixard.api.errors import CatchAllMiddleware, install_error_handlers
 from blixard.api.instances import instances_router
 from blixard.api.logs import LogSource
@@ -38,6 +39,11 @@ _TAGS = [
     {"name": "vms", "description": "Long-lived VMs: desired state, written by users."},
     {"name": "instances", "description": "Replicas of VMs, written by controllers and agents."},
     {"name": "nodes", "description": "The hosts of the cluster and their liveness."},
+    {
+        "name": "cluster",
+        "description": "Joining, etcd membership, cordon, drain, removal (admin tokens; "
+        "the join route also takes a join token).",
+    },
 ]
 
 
@@ -51,12 +57,14 @@ def create_app(
     logs: LogSource,
     image_exists: Callable[[str], bool],
     known_images: Callable[[], list[str]],
+    cluster: ClusterOps | None = None,
 ) -> FastAPI:
     """The API of node ``node_id`` over ``store``.
 
     ``logs(instance, follow)`` streams a task's output (NotFound if this node
     has no such task); ``image_exists``/``known_images`` answer for the guest
-    images built on this node.
+    images built on this node; ``cluster`` does etcd membership for the
+    cluster routes (default: no cluster, as on the embedded SQLite store).
     """
     app = FastAPI(
         title="Blixard",
@@ -94,5 +102,14 @@ def create_app(
     app.include_router(vms_router(objects, facts, logs))
     app.include_router(instances_router(objects))
     app.include_router(nodes_router(objects))
+    app.include_router(
+        cluster_router(
+            objects,
+            cluster if cluster is not None else NoCluster(node_id),
+            auth,
+            node_id=node_id,
+            store_description=store_description,
+        )
+    )
     install_openapi(app)
     return app

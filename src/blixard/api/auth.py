@@ -10,6 +10,9 @@ Every request except ``GET /health`` (the probe) must carry
 ``Authorization: Bearer blx_<id>_<secret>``; that includes ``/openapi.json``
 and ``/docs``, which describe what an attacker could call. The check is ASGI
 middleware rather than a FastAPI dependency so no route can forget it.
+
+A *join* token (``<data dir>/join.token`` of a cluster node, also 0600) admits
+new nodes and nothing else: the middleware refuses it on every other path.
 """
 
 from __future__ import annotations
@@ -45,6 +48,8 @@ log = structlog.get_logger(__name__)
 
 #: Paths answered without a token.
 OPEN_PATHS = frozenset({"/health"})
+#: The only paths a token of a role other than ``admin`` may call.
+ROLE_PATHS: dict[TokenRole, frozenset[str]] = {TokenRole.JOIN: frozenset({"/v1/cluster/join"})}
 _ID_BYTES = 6
 _CREATE_ATTEMPTS = 5
 
@@ -109,37 +114,55 @@ class TokenAuthority:
         revoked) is replaced, so a restarted node always leaves a working token
         for the CLI on this machine.
         """
-        existing = _read_token_file(path)
+        return await self.ensure_token(path, TokenRole.ADMIN, description)
+
+    async def ensure_token(self, path: Path, role: TokenRole, description: str) -> str:
+        """The token of ``role`` in ``path``: kept if it still verifies, else a new one there."""
+        existing = _read_token_file(path, role)
         if existing is not None:
             try:
                 token = await self.verify_text(existing)
             except Unauthorized:
-                log.warning("admin token file holds an unknown token; replacing it", path=str(path))
+                log.warning(
+                    "token file holds an unknown token; replacing it", path=str(path), role=role
+                )
             else:
-                if token.spec.role is TokenRole.ADMIN:
+                if token.spec.role is role:
                     _tighten_mode(path)
                     return existing
-        token, text = await self.create_token(TokenRole.ADMIN, description)
+        token, text = await self.create_token(role, description)
         try:
             write_secret_file(path, text + "\n")
         except OSError as exc:
             with contextlib.suppress(BlixardError):
                 await self.objects.delete(token)
             raise TokenFileError(
-                f"cannot write the admin token to {path}: {exc.strerror or exc}"
+                f"cannot write the {role} token to {path}: {exc.strerror or exc}"
             ) from None
-        log.info("admin token created", path=str(path), token_id=token.metadata.name)
+        log.info("token created", role=role, path=str(path), token_id=token.metadata.name)
         return text
 
+    async def revoke_text(self, text: str) -> bool:
+        """Delete the stored token ``text`` names; False if there is none."""
+        try:
+            token_id, _ = split_token(text.strip())
+        except Unauthorized:
+            return False
+        token = await self.objects.find(Token, token_id)
+        if token is None:
+            return False
+        await self.objects.delete(token)
+        return True
 
-def _read_token_file(path: Path) -> str | None:
+
+def _read_token_file(path: Path, role: TokenRole = TokenRole.ADMIN) -> str | None:
     try:
         text = path.read_text(encoding="utf-8").strip()
     except FileNotFoundError:
         return None
     except (OSError, UnicodeDecodeError) as exc:
         reason = exc.strerror if isinstance(exc, OSError) else "not UTF-8 text"
-        raise TokenFileError(f"cannot read the admin token file {path}: {reason}") from None
+        raise TokenFileError(f"cannot read the {role} token file {path}: {reason}") from None
     return text or None
 
 
@@ -148,7 +171,7 @@ def _tighten_mode(path: Path) -> None:
     try:
         if path.stat().st_mode & 0o077:
             path.chmod(0o600)
-            log.warning("admin token file was readable by others; set to 0600", path=str(path))
+            log.warning("token file was readable by others; set to 0600", path=str(path))
     except OSError as exc:
         raise TokenFileError(f"cannot set the mode of {path}: {exc.strerror}") from None
 
@@ -208,6 +231,13 @@ class BearerAuthMiddleware:
             return
         except BlixardError as exc:
             await error_response(exc)(scope, receive, send)
+            return
+        role = token.spec.role
+        if role is not TokenRole.ADMIN and scope["path"] not in ROLE_PATHS.get(role, frozenset()):
+            refused = Unauthorized(
+                f"a {role} token may only call {', '.join(sorted(ROLE_PATHS.get(role, ())))}"
+            )
+            await error_response(refused)(scope, receive, send)
             return
         scope.setdefault("state", {})["token"] = token
         await self.app(scope, receive, send)

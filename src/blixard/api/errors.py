@@ -20,6 +20,7 @@ from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from blixard.api.logs import NodeUnreachable
 from blixard.domain.errors import (
     AlreadyExists,
     BlixardError,
@@ -41,6 +42,7 @@ _STATUS: tuple[tuple[type[BlixardError], int], ...] = (
     (AlreadyExists, 409),
     (Conflict, 409),
     (StoreUnavailable, 503),
+    (NodeUnreachable, 502),
 )
 _HTTP_CODES = {404: "not_found", 405: "method_not_allowed", 413: "too_large"}
 

@@ -15,10 +15,11 @@ import contextlib
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
+import httpx
 import structlog
 from fastapi.responses import StreamingResponse
 
-from blixard.domain.errors import BlixardError
+from blixard.domain.errors import BlixardError, NotFound
 
 log = structlog.get_logger(__name__)
 
@@ -28,6 +29,46 @@ LogSource = Callable[[str, bool], AsyncIterator[bytes]]
 
 #: How long the first chunk may take before the answer starts without it.
 FIRST_CHUNK_WAIT_S = 0.5
+
+
+class NodeUnreachable(BlixardError):
+    """The node that runs a task did not answer for its output (HTTP 502)."""
+
+    code = "node_unreachable"
+
+
+def remote_source(node: str, url: str, headers: dict[str, str]) -> LogSource:
+    """Output of a task on another node, read from that node's API.
+
+    Nodes never call each other to change state; reading a task's console is
+    one of the two exceptions DESIGN.md allows, because the bytes live only on
+    the node that runs the task. The caller's own token is passed on: tokens
+    are cluster-wide, and no node gains rights by forwarding.
+    """
+
+    async def source(instance: str, follow: bool) -> AsyncIterator[bytes]:
+        timeout = httpx.Timeout(10.0, read=None if follow else 30.0)
+        try:
+            async with (
+                httpx.AsyncClient(timeout=timeout) as client,
+                client.stream("GET", url, headers=headers) as resp,
+            ):
+                if resp.status_code == 404:
+                    raise NotFound(f"instance {instance!r} has no task on node {node}")
+                if resp.status_code != 200:
+                    raise NodeUnreachable(
+                        f"node {node} answered HTTP {resp.status_code} for the output of {instance}"
+                    )
+                async for chunk in resp.aiter_raw():
+                    yield chunk
+        except httpx.TransportError as exc:
+            base = url.split("/v1/", maxsplit=1)[0]
+            raise NodeUnreachable(
+                f"node {node} ({base}) did not answer for the output of {instance}: "
+                f"{type(exc).__name__}"
+            ) from None
+
+    return source
 
 
 async def _next_chunk(it: AsyncIterator[bytes]) -> bytes | None:

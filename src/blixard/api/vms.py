@@ -22,18 +22,21 @@ from datetime import UTC, datetime
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Query, Request, Response
+from pydantic import Field
 
 from blixard.api.checks import NodeFacts, check_vm_on_node
 from blixard.api.errors import COMMON_ERRORS, ErrorResponse
-from blixard.api.logs import LogSource, stream_logs
+from blixard.api.logs import LogSource, remote_source, stream_logs
 from blixard.api.reads import all_instances, instances_of, stored
 from blixard.api.schemas import VMDetails, VMList
 from blixard.domain.errors import Conflict, NotFound, ValidationError
 from blixard.domain.instance import Instance
 from blixard.domain.keys import instance_name
+from blixard.domain.meta import SpecModel
 from blixard.domain.names import validate_dns_label
+from blixard.domain.node import Node
 from blixard.domain.parse import ROOT_FIELD, parse
-from blixard.domain.vm import VM, VMSpec, VMStatus
+from blixard.domain.vm import MAX_REPLICAS, VM, VMSpec, VMStatus
 from blixard.store.objects import ObjectStore
 
 #: Largest accepted request body; a VM document is a few kB.
@@ -113,6 +116,12 @@ def spec_change(update: Callable[[VMSpec], dict[str, Any]]) -> Callable[[VM], VM
     return change
 
 
+class ScaleRequest(SpecModel):
+    """The body of ``POST /v1/vms/{name}/scale``."""
+
+    replicas: int = Field(ge=0, le=MAX_REPLICAS, strict=True)
+
+
 def vms_router(objects: ObjectStore, facts: NodeFacts, logs: LogSource) -> APIRouter:
     """The routes under ``/v1/vms``."""
     router = APIRouter(prefix="/v1/vms", tags=["vms"], responses=_VM_ERRORS)
@@ -181,6 +190,24 @@ def vms_router(objects: ObjectStore, facts: NodeFacts, logs: LogSource) -> APIRo
         )
         return await stored(objects.modify(VM, checked_name(name), change))
 
+    @router.post(
+        "/{name}/scale",
+        response_model=VM,
+        summary="Set the number of replicas",
+        openapi_extra={
+            "requestBody": {
+                "required": True,
+                "content": {"application/json": {"schema": ScaleRequest.model_json_schema()}},
+            }
+        },
+    )
+    async def scale_vm(name: str, request: Request) -> VM:
+        """Set ``spec.replicas``; the controller places new replicas and stops extra ones
+        (the highest indexes first), each stopped before its record goes."""
+        wanted = parse(ScaleRequest, await read_json_body(request)).replicas
+        change = spec_change(lambda _: {"replicas": wanted})
+        return await stored(objects.modify(VM, checked_name(name), change))
+
     @router.get(
         "/{name}/logs",
         summary="Stream a replica's output",
@@ -188,14 +215,26 @@ def vms_router(objects: ObjectStore, facts: NodeFacts, logs: LogSource) -> APIRo
         responses={200: {"content": {"text/plain": {}}, "description": "The output, streamed"}},
     )
     async def vm_logs(
+        request: Request,
         name: str,
         replica: Annotated[int, Query(ge=0, description="Replica index")] = 0,
         follow: Annotated[bool, Query(description="Keep streaming new output")] = False,
     ) -> Response:
+        """The replica's console or output; read from the node that runs it."""
         await stored(objects.get(VM, checked_name(name)))
         instance = instance_name(name, replica)
-        if await stored(objects.find(Instance, instance)) is None:
+        inst = await stored(objects.find(Instance, instance))
+        if inst is None:
             raise NotFound(f"vm {name!r} has no instance {instance!r}")
-        return await stream_logs(logs, instance, follow)
+        source = logs
+        where = inst.status.node or inst.spec.node
+        if where is not None and where != facts.node_id:
+            node = await stored(objects.find(Node, where))
+            if node is None or node.spec.api_url is None:
+                raise NotFound(f"instance {instance!r} runs on node {where}, whose API is unknown")
+            url = f"{node.spec.api_url}/v1/vms/{name}/logs?replica={replica}&follow={follow}"
+            auth = request.headers.get("authorization", "")
+            source = remote_source(where, url, {"Authorization": auth})
+        return await stream_logs(source, instance, follow)
 
     return router

@@ -3,7 +3,8 @@
 Exit codes, everywhere: 0 ok, 1 failed, 2 bad usage or bad input. Errors are
 one clear line on stderr naming the field and the reason; never a traceback.
 
-The command groups live in their own modules (``vm.py``, ``node.py``); this
+The command groups live in their own modules (``vm.py``, ``node.py``,
+``cluster.py``); this
 one assembles them and keeps the names the daemon's entry point imports
 (``app``, ``node_app``, ``err``, ``fail``, ``main``).
 """
@@ -17,6 +18,7 @@ import typer
 from rich.markup import escape
 
 from blixard import __version__
+from blixard.cli.cluster import cluster_app
 from blixard.cli.console import (
     EXIT_FAILED,
     EXIT_OK,
@@ -53,6 +55,7 @@ app = typer.Typer(
 )
 app.add_typer(node_app, name="node")
 app.add_typer(vm_app, name="vm")
+app.add_typer(cluster_app, name="cluster")
 
 
 @app.command()

@@ -40,6 +40,11 @@ class VMFlags:
     ready_line: str | None = None
     boot_timeout: str | None = None
     accel: str | None = None
+    node_selector: str | None = None
+    constraint: str | None = None
+    anti_affinity: str | None = None
+    strategy: str | None = None
+    fencing: str | None = None
 
     def given(self) -> list[str]:
         """The flags that were given, as typed (``--boot-timeout``)."""
@@ -92,7 +97,31 @@ def document_from_flags(name: str, flags: VMFlags) -> dict[str, Any]:
         )
     if flags.accel is not None:
         spec["accel"] = flags.accel
+    if flags.fencing is not None:
+        spec["fencing"] = flags.fencing
+    placement: dict[str, Any] = {}
+    if flags.node_selector is not None:
+        placement["node_selector"] = _pairs(flags.node_selector, "--node-selector")
+    if flags.constraint is not None:
+        placement["constraints"] = flags.constraint  # the server parses "a=b,mem>=32G"
+    if flags.anti_affinity is not None:
+        placement["anti_affinity_groups"] = [g.strip() for g in flags.anti_affinity.split(",")]
+    if flags.strategy is not None:
+        placement["strategy"] = flags.strategy
+    if placement:
+        spec["placement"] = placement
     return {"kind": "VM", "metadata": {"name": name}, "spec": spec}
+
+
+def _pairs(text: str, flag: str) -> dict[str, str]:
+    """``"disk=ssd,zone=a"`` as a mapping; the server checks the keys and values."""
+    out: dict[str, str] = {}
+    for part in text.split(","):
+        key, eq, value = part.partition("=")
+        if not eq or not key.strip():
+            raise ValidationError(flag, f"must be key=value[,key=value...], got {text!r}")
+        out[key.strip()] = value.strip()
+    return out
 
 
 def load_document(path: str) -> Any:

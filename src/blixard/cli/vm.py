@@ -30,11 +30,12 @@ from blixard.client.http import BlixardClient
 from blixard.client.models import VMDetails
 from blixard.domain.errors import ValidationError
 from blixard.domain.units import parse_duration_s
-from blixard.domain.vm import VM
+from blixard.domain.vm import MAX_REPLICAS, VM
 
 vm_app = typer.Typer(help="Create, inspect and control VMs.", no_args_is_help=True)
 
 _SPEC = "VM spec (instead of -f)"
+_PLACE = "Placement and failover (instead of -f)"
 NameArg = Annotated[str, typer.Argument(help="The VM's name", show_default=False)]
 
 
@@ -42,6 +43,7 @@ _OBSERVED = {
     Goal.RUNNING: "every replica is running",
     Goal.STOPPED: "no replica is running",
     Goal.RESTARTED: "every replica restarted and is running",
+    Goal.SCALED: "the wanted replicas run and the extra ones are gone",
 }
 
 
@@ -134,6 +136,39 @@ def create(
     accel: Annotated[
         str | None, typer.Option(help="auto, kvm or tcg (default: auto)", rich_help_panel=_SPEC)
     ] = None,
+    node_selector: Annotated[
+        str | None,
+        typer.Option(help="Only nodes with these labels: disk=ssd,zone=a", rich_help_panel=_PLACE),
+    ] = None,
+    constraint: Annotated[
+        str | None,
+        typer.Option(
+            help="Hard rules on node labels and capacity: storage=nvme,memory>=32G",
+            rich_help_panel=_PLACE,
+        ),
+    ] = None,
+    anti_affinity: Annotated[
+        str | None,
+        typer.Option(
+            help="Groups whose members never share a node (comma-separated)",
+            rich_help_panel=_PLACE,
+        ),
+    ] = None,
+    strategy: Annotated[
+        str | None,
+        typer.Option(
+            help="best-fit, spread, data-locality, network-proximity, specialization",
+            rich_help_panel=_PLACE,
+        ),
+    ] = None,
+    fencing: Annotated[
+        str | None,
+        typer.Option(
+            help="When its node loses the cluster: stop (default), pause or none (never "
+            "failed over)",
+            rich_help_panel=_PLACE,
+        ),
+    ] = None,
     wait: WaitOption = True,
     timeout: TimeoutOption = "120s",
     output: OutputOption = OutputFormat.TABLE,
@@ -155,6 +190,11 @@ def create(
         ready_line=ready_line,
         boot_timeout=boot_timeout,
         accel=accel,
+        node_selector=node_selector,
+        constraint=constraint,
+        anti_affinity=anti_affinity,
+        strategy=strategy,
+        fencing=fencing,
     )
     with failures():
         timeout_s = parse_duration_s(timeout, "--timeout")  # refused before anything is created
@@ -246,6 +286,29 @@ def restart(
         api=api,
         token=token,
     )
+
+
+@vm_app.command("scale")
+def scale(
+    name: NameArg,
+    replicas: Annotated[
+        int, typer.Option("--replicas", "-r", help="How many replicas to run (0-1000)")
+    ],
+    wait: WaitOption = True,
+    timeout: TimeoutOption = "120s",
+    output: OutputOption = OutputFormat.TABLE,
+    api: ApiOption = None,
+    token: TokenOption = None,
+) -> None:
+    """Set the number of replicas; new ones are placed by the scheduler, extra ones
+    (highest index first) are stopped and then removed."""
+    with failures():
+        timeout_s = parse_duration_s(timeout, "--timeout")
+        if not 0 <= replicas <= MAX_REPLICAS:
+            raise ValidationError("--replicas", f"must be 0-{MAX_REPLICAS}, got {replicas}")
+        with session(api, token) as client:
+            vm = client.scale_vm(name, replicas)
+            _finish(client, vm, Goal.SCALED, wait, timeout_s, output, f"scaled to {replicas}")
 
 
 @vm_app.command("delete")

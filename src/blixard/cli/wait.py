@@ -42,6 +42,8 @@ class Goal(StrEnum):
     RESTARTED = "restarted"
     STOPPED = "stopped"
     GONE = "gone"
+    #: ``vm scale``: the wanted replicas run (if the VM runs) and the extra ones are gone.
+    SCALED = "scaled"
 
 
 class WaitTimeout(BlixardError):
@@ -99,6 +101,14 @@ def observe(goal: Goal, vm: VM | None, instances: list[Instance]) -> Observation
     if goal is Goal.STOPPED:
         lacking = [describe(i) for i in instances if not _down(i)]
         return Observation(not lacking, "; ".join(lacking) or "no instance runs")
+    if goal is Goal.SCALED:
+        extra = [describe(i) for i in instances if i.spec.index >= vm.spec.replicas]
+        if not vm.spec.running:
+            return Observation(not extra, "; ".join(extra) or "no extra replica left")
+        seen = observe(Goal.RUNNING, vm, instances)
+        if extra:
+            return Observation(False, "; ".join([*extra, seen.seen]))
+        return seen
     wanted = vm.spec.restart_generation if goal is Goal.RESTARTED else None
     by_index = {i.spec.index: i for i in instances}
     lacking = []

@@ -14,17 +14,106 @@ from typing import Any, TypeVar
 from urllib.parse import quote
 
 import httpx
-from pydantic import BaseModel
+from pydantic import BaseModel, ConfigDict, Field
 
 from blixard.client.errors import ApiUnreachable, UnexpectedAnswer, error_from_response
 from blixard.client.models import Health, NodeDetails, VMDetails
 from blixard.domain.errors import BlixardError, ValidationError
 from blixard.domain.instance import Instance
+from blixard.domain.node import Node
 from blixard.domain.parse import parse
 from blixard.domain.vm import VM
 
 M = TypeVar("M", bound=BaseModel)
 DEFAULT_TIMEOUT_S = 10.0
+
+
+# ---------------------------------------------------------------- cluster answers
+# The shapes of /v1/cluster answers (mirroring api/cluster.py; extra fields allowed so a
+# newer server does not break an older CLI).
+
+
+class _Answer(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+
+class JoinReply(_Answer):
+    """``POST /v1/cluster/join``: become an etcd member, or an agent using ``endpoints``."""
+
+    member: bool
+    member_id: str | None = None
+    initial_cluster: dict[str, str] = Field(default_factory=dict)
+    endpoints: list[str]
+    target_members: int | None = None
+
+
+class MemberInfo(_Answer):
+    name: str
+    id: str
+    peer_urls: list[str]
+    client_urls: list[str]
+    leader: bool = False
+    healthy: bool | None = None
+    started: bool = True
+    learner: bool = False
+
+
+class NodeCounts(_Answer):
+    total: int = 0
+    alive: int = 0
+    down: int = 0
+    cordoned: int = 0
+    draining: int = 0
+
+
+class ThisNode(_Answer):
+    name: str
+    role: str
+
+
+class ClusterStatus(_Answer):
+    """``GET /v1/cluster``."""
+
+    backend: str
+    store: dict[str, Any]
+    managed: bool
+    target_members: int | None = None
+    members: list[MemberInfo]
+    nodes: NodeCounts
+    controller_leader: str | None = None
+    this_node: ThisNode
+    join_token: str | None = None
+
+
+class ClusterNode(_Answer):
+    """A node, whether it is alive, and how many instances are assigned to it."""
+
+    node: Node
+    alive: bool
+    instances: int
+
+
+class DrainReply(_Answer):
+    node: Node
+    instances: int
+
+
+class RemoveReply(_Answer):
+    node: str
+    removed_member: bool
+    removed_record: bool
+
+
+class LeaveReply(_Answer):
+    node: str
+    removed_member: bool
+    removed_record: bool = True
+    stopping: bool = True
+
+
+class JoinTokenReply(_Answer):
+    token: str
+    path: str | None = None
 
 
 def _path(kind: str, name: str, action: str = "") -> str:
@@ -140,6 +229,10 @@ class BlixardClient:
     def restart_vm(self, name: str) -> VM:
         return self._model(VM, self._request("POST", _path("vms", name, "restart")))
 
+    def scale_vm(self, name: str, replicas: int) -> VM:
+        path = _path("vms", name, "scale")
+        return self._model(VM, self._request("POST", path, json={"replicas": replicas}))
+
     def list_instances(self, vm: str | None = None) -> list[Instance]:
         params = {"vm": vm} if vm is not None else None
         return self._items(Instance, self._request("GET", "/v1/instances", params=params))
@@ -149,6 +242,45 @@ class BlixardClient:
 
     def get_node(self, name: str) -> NodeDetails:
         return self._model(NodeDetails, self._request("GET", _path("nodes", name)))
+
+    # ------------------------------------------------------------------ cluster
+
+    def join_cluster(
+        self, node_id: str, peer_url: str | None = None, client_url: str | None = None
+    ) -> JoinReply:
+        """``POST /v1/cluster/join`` with this client's (join) token."""
+        body = {"node_id": node_id, "peer_url": peer_url, "client_url": client_url}
+        return self._model(JoinReply, self._request("POST", "/v1/cluster/join", json=body))
+
+    def cluster_status(self) -> ClusterStatus:
+        return self._model(ClusterStatus, self._request("GET", "/v1/cluster"))
+
+    def cluster_nodes(self) -> list[ClusterNode]:
+        return self._items(ClusterNode, self._request("GET", "/v1/cluster/nodes"))
+
+    def cordon_node(self, name: str) -> ClusterNode:
+        return self._model(
+            ClusterNode, self._request("POST", _path("cluster/nodes", name, "cordon"))
+        )
+
+    def uncordon_node(self, name: str) -> ClusterNode:
+        path = _path("cluster/nodes", name, "uncordon")
+        return self._model(ClusterNode, self._request("POST", path))
+
+    def drain_node(self, name: str) -> DrainReply:
+        return self._model(DrainReply, self._request("POST", _path("cluster/nodes", name, "drain")))
+
+    def remove_node(self, name: str, *, force: bool = False) -> RemoveReply:
+        params = {"force": "true" if force else "false"}
+        response = self._request("DELETE", _path("cluster/nodes", name), params=params)
+        return self._model(RemoveReply, response)
+
+    def leave_cluster(self) -> LeaveReply:
+        """``POST /v1/cluster/leave``: the answering node leaves, then its daemon stops."""
+        return self._model(LeaveReply, self._request("POST", "/v1/cluster/leave"))
+
+    def join_token(self) -> JoinTokenReply:
+        return self._model(JoinTokenReply, self._request("POST", "/v1/cluster/join-token"))
 
     def logs(self, name: str, *, replica: int = 0, follow: bool = False) -> Iterator[bytes]:
         """``GET /v1/vms/{name}/logs``: the replica's output, chunk by chunk.

@@ -28,37 +28,27 @@ from blixard.agent.registration import NodeRegistration
 from blixard.api.app import create_app
 from blixard.api.auth import TokenAuthority
 from blixard.client.config import api_url_file, token_file
+from blixard.controllers.plan import Policy
 from blixard.controllers.vms import VmController
+from blixard.daemon.cluster import NodeCluster, open_cluster
 from blixard.daemon.config import NodeConfig
-from blixard.domain.errors import BlixardError, StoreError, ValidationError
+from blixard.domain.errors import BlixardError, StoreError
 from blixard.domain.node import KvmState
 from blixard.domain.vm import Accel, Hypervisor
 from blixard.drivers.process import ProcessDriver
 from blixard.drivers.protocol import Driver
 from blixard.drivers.qemu import AccelProbe, QemuDriver
 from blixard.images import DEFAULT_IMAGE, build_image, default_images_dir, list_images
+from blixard.scheduler.placement import default_limit
 from blixard.store.election import Election
-from blixard.store.etcd import EtcdStore
 from blixard.store.objects import ObjectStore
 from blixard.store.protocol import StateStore
-from blixard.store.sqlite import SqliteStore
 
 log = structlog.get_logger(__name__)
 
 
 class StartupError(BlixardError):
     code = "startup_failed"
-
-
-async def open_store(config: NodeConfig) -> tuple[StateStore, dict[str, Any]]:
-    """The configured backend, and how to describe it to a user."""
-    if config.store == "etcd":
-        if not config.etcd_endpoints:
-            raise ValidationError("etcd_endpoints", "the etcd store needs at least one endpoint")
-        etcd = EtcdStore(config.etcd_endpoints, timeout_s=config.store_timeout_s)
-        return etcd, {"backend": "etcd", "endpoints": config.etcd_endpoints}
-    sqlite = await SqliteStore.open(config.sqlite_path, timeout_s=config.store_timeout_s)
-    return sqlite, {"backend": "sqlite", "path": str(config.sqlite_path)}
 
 
 def bind_api_socket(host: str, port: int) -> socket.socket:
@@ -102,7 +92,10 @@ async def run_controllers(store: StateStore, node_id: str, ttl_s: int) -> None:
         try:
             await election.campaign()
             log.info("leading the controllers", node=node_id)
-            controller = asyncio.create_task(VmController(store).run())
+            # The grace must outlast the agents' fencing margin (TTL/5): docs/failover.md.
+            grace = max(1.5, 0.3 * ttl_s)
+            policy = Policy(failover_grace_s=grace, placement_limit=default_limit)
+            controller = asyncio.create_task(VmController(store, policy=policy).run())
             lost = asyncio.create_task(election.lost.wait())
             try:
                 await asyncio.wait({controller, lost}, return_when=asyncio.FIRST_COMPLETED)
@@ -123,8 +116,13 @@ async def run_controllers(store: StateStore, node_id: str, ttl_s: int) -> None:
                 await election.close()
 
 
-async def run_node(config: NodeConfig, on_ready: Callable[[str], None] | None = None) -> None:
-    """Run the node until SIGTERM or SIGINT."""
+async def run_node(
+    config: NodeConfig, on_ready: Callable[[str, dict[str, Any]], None] | None = None
+) -> None:
+    """Run the node until SIGTERM or SIGINT (or until it left its cluster).
+
+    ``on_ready(api_url, store_description)`` is called once the API serves.
+    """
     sock = bind_api_socket(config.api_host, config.api_port)
     try:
         config.data_dir.mkdir(parents=True, exist_ok=True)
@@ -132,10 +130,11 @@ async def run_node(config: NodeConfig, on_ready: Callable[[str], None] | None = 
         sock.close()
         raise StartupError(f"data_dir: cannot create {config.data_dir}: {exc.strerror}") from None
     try:
-        store, description = await open_store(config)
+        cluster: NodeCluster = await open_cluster(config)
     except BaseException:
         sock.close()
         raise
+    store, description = cluster.store, cluster.description
     for section in config.unused_sections:
         log.warning("config section is not used by this version", section=section)
     images_dir = default_images_dir(config.data_dir)
@@ -163,16 +162,25 @@ async def run_node(config: NodeConfig, on_ready: Callable[[str], None] | None = 
             kvm=kvm,
             kvm_detail=kvm_detail,
             vcpu_overcommit=config.vcpu_overcommit,
+            roles=cluster.roles,
+            zone=config.zone,
+            labels=config.labels,
         )
         await registration.register()
         auth = TokenAuthority(ObjectStore(store))
         await auth.ensure_admin_token(token_file(config.data_dir))
+        await cluster.ensure_join_token(auth)
+        # Fencing protects a cluster (etcd) from two copies of one VM; on the embedded
+        # store there is one node and no partition from the store, so there is none.
+        fencing = description.get("backend") == "etcd"
         agent = Agent(
             store,
             config.node_id,
             drivers,
             config.data_dir / "vms",
             stop_timeout_s=config.stop_timeout_s,
+            lease_remaining=registration.lease_remaining if fencing else None,
+            fence_margin_s=config.lease_ttl_s / 5,
         )
         await agent.start()
         background.append(
@@ -199,6 +207,7 @@ async def run_node(config: NodeConfig, on_ready: Callable[[str], None] | None = 
             logs=agent.logs,
             image_exists=image_exists,
             known_images=known_images,
+            cluster=cluster,
         )
         server = uvicorn.Server(
             uvicorn.Config(app, log_level="warning", access_log=False, lifespan="off")
@@ -206,6 +215,7 @@ async def run_node(config: NodeConfig, on_ready: Callable[[str], None] | None = 
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, lambda: setattr(server, "should_exit", True))
+        cluster.on_shutdown(lambda: setattr(server, "should_exit", True))  # after `cluster leave`
         serving = asyncio.create_task(server.serve(sockets=[sock]))
         while not server.started and not serving.done():  # noqa: ASYNC110 - uvicorn has no event
             await asyncio.sleep(0.01)
@@ -214,7 +224,7 @@ async def run_node(config: NodeConfig, on_ready: Callable[[str], None] | None = 
             raise StartupError("the API server stopped during start-up")
         api_url_file(config.data_dir).write_text(config.api_url + "\n")
         if on_ready is not None:
-            on_ready(config.api_url)
+            on_ready(config.api_url, description)
         await serving
         log.info("node stopping", node=config.node_id)
     finally:
@@ -230,10 +240,11 @@ async def run_node(config: NodeConfig, on_ready: Callable[[str], None] | None = 
             await agent.close()
         if registration is not None:
             with contextlib.suppress(StoreError):
-                await registration.close()
+                await registration.close(revoke=description.get("backend") != "etcd")
         with contextlib.suppress(FileNotFoundError):
             api_url_file(config.data_dir).unlink()
         await store.close()
+        await cluster.close()
         sock.close()
 
 

@@ -11,13 +11,15 @@ from __future__ import annotations
 
 from enum import StrEnum
 from typing import Literal
+from uuid import UUID
 
 from pydantic import AwareDatetime, Field, model_validator
 
 from blixard.domain.fields import Name, refuse
 from blixard.domain.keys import Kind, instance_name
 from blixard.domain.meta import SpecModel, StatusModel, StoredObject
-from blixard.domain.vm import MAX_REPLICAS
+from blixard.domain.node import Resources
+from blixard.domain.vm import MAX_REPLICAS, Fencing
 
 
 class DesiredState(StrEnum):
@@ -45,6 +47,9 @@ class InstanceSpec(SpecModel):
     """Assignment of one replica: ``node`` is None until the scheduler places it."""
 
     vm: Name
+    #: The uid of the VM this replica belongs to: a VM deleted and created again
+    #: under the same name does not inherit the old incarnation's replicas.
+    vm_uid: UUID | None = None
     index: int = Field(ge=0, lt=MAX_REPLICAS, strict=True)
     node: Name | None = None
     epoch: int = Field(default=0, ge=0, strict=True)
@@ -53,6 +58,11 @@ class InstanceSpec(SpecModel):
     #: it exceeds the generation it last applied (``status.restart_generation``).
     restart_generation: int = Field(default=0, ge=0, strict=True)
     assigned_at: AwareDatetime | None = None
+    #: What the replica holds on its node, copied from its VM at creation, so the
+    #: controllers still count it once the VM is deleted and until its task stops.
+    resources: Resources | None = None
+    #: The VM's fencing policy, for the same reason.
+    fencing: Fencing = Fencing.STOP
 
 
 class InstanceStatus(StatusModel):

@@ -108,6 +108,9 @@ class NodeSpec(SpecModel):
     roles: list[NodeRole] = Field(default_factory=lambda: [NodeRole.AGENT])
     zone: LabelValue | None = None
     cordoned: bool = False
+    #: Set by `cluster drain` (with ``cordoned``): the controllers move this node's
+    #: instances elsewhere, each stopped here before it starts on its new node.
+    draining: bool = False
     addresses: list[Address] = Field(default_factory=list, max_length=16)
     api_url: ApiUrl | None = None
 

@@ -40,9 +40,14 @@ class Unauthorized(BlixardError):
 
 
 class TokenRole(StrEnum):
-    """What a token may do. Only ``admin`` exists until RBAC arrives."""
+    """What a token may do (until RBAC arrives).
+
+    ``admin`` may call every route; ``join`` may only join a node to the
+    cluster (``POST /v1/cluster/join``), so it can be handed to new hosts.
+    """
 
     ADMIN = "admin"
+    JOIN = "join"
 
 
 def validate_sha256_hex(value: Any, field: str) -> str:

@@ -13,6 +13,17 @@ it and writes ``exit <code>`` or ``signal <n>`` to an exit file. So:
 
 Waiting uses a pidfd (Linux >= 5.3), which works for processes that are not
 our children, so there is no polling for exits.
+
+Fencing lives in the shim too, because a task outlives its agent: a node
+whose daemon was killed must still not keep a VM running once the cluster
+may start it elsewhere. If the task's run directory holds ``fence`` (the
+agent links it to a node-wide file it rewrites after every lease keepalive),
+its content ``<deadline> <stop|pause>`` is a CLOCK_MONOTONIC time (the same
+clock as the agent's ``time.monotonic()``): once it passes, the shim kills
+the whole task (recorded as ``fenced 9``) or SIGSTOPs the workload and
+leaves ``fenced-paused`` for the agent, which resumes it only after reading
+that the instance is still its own. The shim checks ten times a second and
+wakes at once on its child's exit (SIGCHLD).
 """
 
 from __future__ import annotations
@@ -31,7 +42,7 @@ from pathlib import Path
 from blixard.drivers.protocol import TaskState, TaskStatus
 
 _SHIM = r"""
-import os, signal, sys
+import os, signal, sys, time
 exit_file, log_path, argv = sys.argv[1], sys.argv[2], sys.argv[3:]
 fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o640)
 null = os.open(os.devnull, os.O_RDONLY)
@@ -50,26 +61,68 @@ def forward(sig, frame):
         pass
 for s in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
     signal.signal(s, forward)
+def record(text):
+    tmp = exit_file + ".tmp"
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.rename(tmp, exit_file)
+fence = os.path.join(os.path.dirname(exit_file), "fence")
+paused = False
+signal.pthread_sigmask(signal.SIG_BLOCK, [signal.SIGCHLD])
 while True:
     try:
-        _, status = os.waitpid(pid, 0)
-        break
+        done, status = os.waitpid(pid, os.WNOHANG)
     except InterruptedError:
         continue
+    if done:
+        break
+    try:
+        with open(fence) as f:
+            deadline, action = f.read().split()
+        late = time.monotonic() > float(deadline)
+    except (OSError, ValueError):
+        late = False
+    if late and action == "pause" and not paused:
+        os.kill(pid, signal.SIGSTOP)
+        open(os.path.join(os.path.dirname(exit_file), "fenced-paused"), "w").close()
+        paused = True
+    elif late and action != "pause":
+        record("fenced 9")
+        os.killpg(0, signal.SIGKILL)
+    elif not late:
+        paused = False
+    signal.sigtimedwait([signal.SIGCHLD], 0.1)
 if os.WIFSIGNALED(status):
     text = "signal %d" % os.WTERMSIG(status)
 else:
     text = "exit %d" % os.WEXITSTATUS(status)
-tmp = exit_file + ".tmp"
-with open(tmp, "w") as f:
-    f.write(text)
-    f.flush()
-    os.fsync(f.fileno())
-os.rename(tmp, exit_file)
+record(text)
 """
 
 
 _PR_SET_PDEATHSIG = 1
+
+#: In a task's run directory: the fencing deadline the shim obeys (see the module docstring).
+FENCE = "fence"
+#: Left by a shim that paused its workload at the fencing deadline.
+FENCED_PAUSED = "fenced-paused"
+
+
+def write_fence(path: Path, deadline: float, action: str) -> None:
+    """Atomically set a fencing deadline (CLOCK_MONOTONIC seconds) and its action."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(f"{deadline:.3f} {action}")
+    tmp.replace(path)
+
+
+def link_fence(run_dir: Path, target: Path | None) -> None:
+    """Make the task in ``run_dir`` obey ``target``'s deadline (None: no fencing)."""
+    link = run_dir / FENCE
+    link.unlink(missing_ok=True)
+    if target is not None:
+        link.symlink_to(target)
 
 
 def die_with_parent() -> None:  # pragma: no cover - runs in the child between fork and exec
@@ -87,6 +140,8 @@ class Exit:
 
     code: int | None
     signal: int | None
+    #: Killed by the shim because the node's fencing deadline passed (see FENCE).
+    fenced: bool = False
 
     @property
     def failed(self) -> bool:
@@ -95,6 +150,13 @@ class Exit:
     def status(self, subject: str = "", how: str = "") -> TaskStatus:
         """As a driver reports it: "[how; ][subject ]exited with N", or "killed by signal N"."""
         prefix = (f"{how}; " if how else "") + (f"{subject} " if subject else "")
+        if self.fenced:
+            return TaskStatus(
+                TaskState.EXITED,
+                signal=self.signal,
+                message="fenced: killed because the node could not prove its lease",
+                fenced=True,
+            )
         if self.signal is not None:
             return TaskStatus(
                 TaskState.EXITED,
@@ -190,6 +252,8 @@ def read_exit(exit_path: Path) -> Exit:
         return Exit(code=None, signal=signal.SIGKILL)
     if kind == "signal":
         return Exit(code=None, signal=int(value))
+    if kind == "fenced":
+        return Exit(code=None, signal=int(value), fenced=True)
     return Exit(code=int(value), signal=None)
 
 
@@ -227,6 +291,15 @@ def signal_task(pid: int, start_ticks: int, sig: int) -> bool:
         return False
     with contextlib.suppress(ProcessLookupError):
         os.kill(pid, sig)
+    return True
+
+
+def signal_group(pid: int, start_ticks: int, sig: int) -> bool:
+    """Send ``sig`` to the shim's whole process group (SIGCONT after a fencing pause)."""
+    if not alive(pid, start_ticks):
+        return False
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(pid, sig)
     return True
 
 

@@ -112,6 +112,8 @@ class TaskStatus:
     #: The signal that ended it, if any.
     signal: int | None = None
     message: str = ""
+    #: Ended by the node's fencing deadline, not by itself (see drivers/executor.py).
+    fenced: bool = False
 
 
 @runtime_checkable

@@ -179,16 +179,27 @@ class EtcdMember:
         etcd's order: announce the member (member add), then start it with the
         member list the cluster returned and state "existing".
         """
+        self._check_no_data()
+        member, members = await _until_ready(lambda: store.member_add([self.peer_url]), timeout_s)
+        await self.start_joined(initial_cluster(members, member.id, self.name), timeout_s)
+        return member
+
+    async def start_joined(self, initial: Mapping[str, str], timeout_s: float = 30.0) -> None:
+        """Start as a member another node already announced (its ``member add``), with
+        state "existing" and the member list that announcement returned.
+
+        On a timeout the process is left running: the caller stops it.
+        """
+        self._check_no_data()
+        self._spawn(initial, "existing")
+        await self.wait_healthy(timeout_s)
+
+    def _check_no_data(self) -> None:
         if self.has_data():
             raise ValidationError(
                 "etcd_member",
                 f"{self.data_dir} already holds member data; remove it to join afresh",
             )
-        member, members = await _until_ready(lambda: store.member_add([self.peer_url]), timeout_s)
-        initial = {m.name or self.name: m.peer_urls[0] for m in members if m.peer_urls}
-        self._spawn(initial, "existing")
-        await self.wait_healthy(timeout_s)
-        return member
 
     async def wait_healthy(self, timeout_s: float) -> None:
         """Wait until the member answers /health with a leader, or fail clearly."""
@@ -240,6 +251,21 @@ class EtcdMember:
 T = TypeVar("T")
 
 
+def initial_cluster(members: list[Member], new_id: int, new_name: str) -> dict[str, str]:
+    """``--initial-cluster`` for a member just added: ``{name: peer URL}`` of every member.
+
+    A member announced but not started yet has no name; the new one is ``new_name``,
+    any other gets a placeholder (etcd matches an existing cluster by peer URLs).
+    """
+    initial: dict[str, str] = {}
+    for m in members:
+        if not m.peer_urls:
+            continue
+        name = m.name or (new_name if m.id == new_id else f"unstarted-{m.id:x}")
+        initial[name] = m.peer_urls[0]
+    return initial
+
+
 async def _until_ready(call: Callable[[], Awaitable[T]], timeout_s: float) -> T:
     """Repeat a membership change etcd refused as "unhealthy cluster" (see ClusterNotReady)."""
     deadline = time.monotonic() + timeout_s
@@ -250,6 +276,14 @@ async def _until_ready(call: Callable[[], Awaitable[T]], timeout_s: float) -> T:
             if time.monotonic() > deadline:
                 raise
             await asyncio.sleep(0.5)
+
+
+async def add_member(
+    store: EtcdStore, peer_url: str, timeout_s: float = 30.0
+) -> tuple[Member, list[Member]]:
+    """Announce a member another host will start (``start_joined`` there); returns it and
+    the member list to start it with. Retried while etcd answers "unhealthy cluster"."""
+    return await _until_ready(lambda: store.member_add([peer_url]), timeout_s)
 
 
 async def remove_member(store: EtcdStore, member_id: int, timeout_s: float = 30.0) -> None:
