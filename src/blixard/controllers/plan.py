@@ -52,6 +52,8 @@ from blixard.scheduler.placement import Decision, NodeView, Request, place
 ACTIVE = frozenset(
     {ObservedState.STARTING, ObservedState.RUNNING, ObservedState.PAUSED, ObservedState.STOPPING}
 )
+#: A new instance's status; shared, as nothing mutates models in place.
+_NO_STATUS = InstanceStatus()
 #: A VM's placement_reason is shown to users; keep it readable at 1,000 replicas.
 MAX_REASON = 2000
 
@@ -215,7 +217,7 @@ class Planner:
 
     # --- placement ----------------------------------------------------------------------
 
-    def place(self, vm: VM, name: str) -> Decision:
+    def _request(self, vm: VM) -> Request:
         request = self._requests.get(vm.metadata.name)
         if request is None:
             request = Request(
@@ -225,6 +227,10 @@ class Planner:
                 needs_kvm=vm.spec.accel.value == "kvm",
             )
             self._requests[vm.metadata.name] = request
+        return request
+
+    def place(self, vm: VM, name: str) -> Decision:
+        request = self._request(vm)
         seed = zlib.crc32(name.encode())
         limit = self.policy.placement_limit(len(self._views))
         return place(self._views, request, limit=limit, seed=seed)
@@ -422,10 +428,10 @@ class Planner:
                 desired_state=desired,
                 restart_generation=vm.spec.restart_generation,
                 assigned_at=self.snap.wall if node else None,
-                resources=resources_of(vm),
+                resources=self._request(vm).resources,
                 fencing=vm.spec.fencing,
             ),
-            status=InstanceStatus(),
+            status=_NO_STATUS,
         )
 
     def _reassign(
