@@ -7,6 +7,7 @@ The tests run in order on one cluster:
    the tests read, and pin one process VM to a);
 2. kill -9 of the node running the microVM: it runs elsewhere at a new epoch, and
    at no moment do two copies run; the node comes back and keeps no stale copy;
+   a drain moves a node's instances away (stopped there first);
 3. kill -9 of the node holding the etcd leader: the other nodes' APIs keep answering;
 4. node a cut off from the store (its own etcd member, its only endpoint, stopped):
    it fences its instance before its lease could expire, and runs it again once
@@ -183,8 +184,31 @@ def test_a_killed_node_s_instances_run_elsewhere_never_twice(cluster: Cluster) -
     victim.start()
     victim.wait_healthy()
     wait_until(lambda: cluster.alive().get(victim_name), 30, f"{victim_name} alive again")
+    # Restarted without --label: it keeps its labels (its VMs' selectors still match it).
+    labels = cluster.get(f"/v1/nodes/{victim_name}")["node"]["metadata"]["labels"]
+    assert labels == {"tier": "worker"}, labels
     time.sleep(1)
     assert task_copies(cluster, "micro-0") == {after["spec"]["node"]}
+
+
+def test_drain_moves_instances_one_copy_at_a_time(cluster: Cluster) -> None:
+    def on(node: str) -> list[str]:
+        items = cluster.get("/v1/instances")["items"]
+        return sorted(i["metadata"]["name"] for i in items if i["spec"]["node"] == node)
+
+    wait_until(lambda: running_on(cluster, "svc-0") and running_on(cluster, "svc-1"), 60, "svc")
+    target = next(n for n in ("b", "c") if on(n))
+    moving = on(target)
+    res = cluster.cli("cluster", "drain", target, "--timeout", "90s")
+    assert res.returncode == 0, res.stderr
+    assert on(target) == []
+    other = "c" if target == "b" else "b"  # the node selector allows only b and c
+    for name in moving:
+        wait_until(lambda n=name: running_on(cluster, n) == other, 90, f"{name} on {other}")
+        assert task_copies(cluster, name) == {other}
+    node = cluster.get(f"/v1/nodes/{target}")["node"]
+    assert node["spec"]["cordoned"] and node["spec"]["draining"]
+    assert cluster.cli("cluster", "uncordon", target).returncode == 0
 
 
 def test_killing_the_etcd_leader_keeps_the_api_answering(cluster: Cluster) -> None:

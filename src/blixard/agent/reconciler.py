@@ -205,7 +205,7 @@ class Agent:
             return
         for fencing in (Fencing.STOP, Fencing.PAUSE):
             executor.write_fence(self.run_root / f"fence-{fencing.value}", deadline, fencing.value)
-        was_fenced = self._fence_written <= now
+        was_fenced = 0 <= self._fence_written <= now  # (-1: nothing written yet)
         self._fence_written = deadline
         if was_fenced and deadline > now:
             log.info("lease proven again; instances may run", node=self.node_id)

@@ -164,7 +164,8 @@ async def run_node(
             vcpu_overcommit=config.vcpu_overcommit,
             roles=cluster.roles,
             zone=config.zone,
-            labels=config.labels,
+            # Started without --label/--zone (e.g. a plain restart): keep what the record has.
+            labels=config.labels if (config.labels or config.zone) else None,
         )
         await registration.register()
         auth = TokenAuthority(ObjectStore(store))
