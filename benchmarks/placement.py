@@ -38,6 +38,8 @@ from collections.abc import Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 
+from tests.support.etcd_cluster import EtcdCluster
+
 from blixard.controllers.plan import Policy, plan
 from blixard.controllers.vms import BATCH, VmController
 from blixard.domain.instance import Instance, InstanceSpec
@@ -48,9 +50,8 @@ from blixard.domain.parse import parse, to_json_bytes
 from blixard.domain.vm import VM, Hypervisor
 from blixard.scheduler.placement import default_limit
 from blixard.store.objects import ObjectStore
-from blixard.store.protocol import Compare, Put, StateStore
+from blixard.store.protocol import Compare, Delete, Put, StateStore
 from blixard.store.sqlite import SqliteStore
-from tests.support.etcd_cluster import EtcdCluster
 
 GOAL = 3750.0
 REPLICAS_PER_VM = 100
@@ -108,10 +109,8 @@ async def blixard_round(store: StateStore, nodes: int) -> dict[str, float]:
     t2 = time.perf_counter()
     placed = decided.placements
     # Clean up for the next round: delete the instance records (not timed).
-    instances = [a for a in await ObjectStore(store).list(Instance)]
+    instances = await ObjectStore(store).list(Instance)
     for start in range(0, len(instances), BATCH):
-        from blixard.store.protocol import Delete
-
         await store.txn([], [Delete(i.key()) for i in instances[start : start + BATCH]])
     return {
         "placements": placed,
@@ -180,7 +179,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     print(
         f"placements committed per second: {args.instances} replicas of 256 MiB, "
-        f"batches of {BATCH}, median of {args.rounds} ABBA rounds (goal {GOAL:,.0f}/s at 1,000 nodes)"
+        f"batches of {BATCH}, median of {args.rounds} ABBA rounds "
+        f"(goal {GOAL:,.0f}/s at 1,000 nodes)"
     )
     print(
         f"{'backend':8} {'nodes':>6} {'placed':>7} {'blixard/s':>10} {'raw txn/s':>10} "

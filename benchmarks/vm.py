@@ -934,7 +934,9 @@ def report_api(rates: dict[str, Any]) -> list[str]:
         f" values: {rates['value_bytes']} bytes, the size of a stored VM)"
     )
     passes = ", ".join(f"{p['vms']} VMs {p['cpu_s'] * MS:.1f} ms" for p in rates["controller_pass"])
-    lines.append(f"one full VM controller pass (from its cache, CPU, in-process SqliteStore): {passes}")
+    lines.append(
+        f"one full VM controller pass (from its cache, CPU, in-process SqliteStore): {passes}"
+    )
     check = rates["connection_check"]
     lines.append(
         f"GET /health, {check['n']} each, ABAB: {check['keepalive_s']['median'] * MS:.1f} ms"

@@ -121,6 +121,7 @@ async def test_a_node_cut_off_from_the_store_fences_before_its_lease_can_expire(
     assert not c.agent.may_run()
 
     fresh_etcd1.members[0].signal(signal.SIGCONT)
+
     async def restarted() -> int | None:
         pid = await running_pid(c, "stop-0")
         return pid if pid not in (None, pids["stop"]) else None
