@@ -337,3 +337,19 @@ def test_records_on_a_down_node_wait_for_the_grace_and_never_go_for_fencing_none
         s = snap([], [inst], [node("n1")], alive=set(), down_since={"n1": at})
         gone = [a for a in decide(s).actions if isinstance(a, Delete)]
         assert bool(gone) is deleted, (fencing, at)
+
+
+def test_a_stopped_vm_started_again_waits_when_no_node_has_room() -> None:
+    web = vm("web", memory="3G")
+    [inst] = settled([web], [node("n1")])
+    stopped = running(
+        inst.model_copy(
+            update={"spec": inst.spec.model_copy(update={"desired_state": DesiredState.STOPPED})}
+        ),
+        ObservedState.STOPPED,
+    )
+    filler = vm("filler", memory="2G")
+    [fill] = settled([filler], [node("n1")])
+    p = decide(snap([web, filler], [stopped, fill], [node("n1")]))
+    assert instance_updates(p) == []  # not started over the filler on n1
+    assert "waiting for room" in vm_status(p, "web").status.message

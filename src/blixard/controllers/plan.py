@@ -285,7 +285,7 @@ class Planner:
                 if moved is not None:
                     current.append(moved)
                     continue
-            current.append(self._sync_spec(vm, inst, desired))
+            current.append(self._sync_spec(vm, inst, desired, problems))
         for index, inst in sorted(by_index.items()):
             if index >= want:
                 self.remove(inst, vm)
@@ -352,7 +352,9 @@ class Planner:
         placed.append(f"{name}: moved off draining node {node}; {decision.reason}")
         return self._reassign(vm, inst, decision.node, desired, holds=holds_resources(inst))
 
-    def _sync_spec(self, vm: VM, inst: Instance, desired: DesiredState) -> Instance:
+    def _sync_spec(
+        self, vm: VM, inst: Instance, desired: DesiredState, problems: list[str]
+    ) -> Instance:
         if (
             inst.spec.desired_state is desired
             and inst.spec.restart_generation == vm.spec.restart_generation
@@ -370,6 +372,10 @@ class Planner:
                 if decision.node is not None:
                     self.plan.placements += 1
                     return self._reassign(vm, inst, decision.node, desired, holds=False)
+                # No room anywhere, its old node included: it stays stopped until there is.
+                name = inst.metadata.name
+                problems.append(f"{name}: waiting for room to start: {decision.reason}")
+                return inst
         updated = self._update_spec(
             inst, desired_state=desired, restart_generation=vm.spec.restart_generation
         )

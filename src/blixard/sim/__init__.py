@@ -1,1 +1,2 @@
-"""Blixard layer: sim (see docs/architecture.md)."""
+"""Deterministic whole-cluster simulation: seeded faults on a virtual clock, invariants
+checked at every step (see docs/architecture.md "Simulation"; run ``python -m blixard.sim``)."""
