@@ -25,6 +25,7 @@ from blixard.domain.instance import Instance, ObservedState
 from blixard.domain.node import Node as NodeRecord
 from blixard.domain.parse import parse
 from blixard.domain.vm import VM, Hypervisor, VMPhase
+from blixard.drivers import executor
 from blixard.drivers.process import ProcessDriver
 from blixard.drivers.protocol import TaskHandle
 from blixard.store.objects import ObjectStore
@@ -67,6 +68,11 @@ async def node(tmp_path: Path) -> AsyncIterator[Node]:
     for local in list(n.agent.tasks.values()):
         if local.handle is not None:
             await ProcessDriver().destroy(local.handle)
+    # A start cut short by the teardown has no handle yet; its run dir names its task
+    # (what the next agent's recovery would clear).
+    for run_dir in n.run_root.iterdir() if n.run_root.exists() else ():
+        if run_dir.is_dir():
+            executor.kill_strays(run_dir)
     await reg.close()
     await store.close()
 
