@@ -19,6 +19,7 @@ trip, so a plain request passes four filters.
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from functools import lru_cache
 
 from blixard.domain.node import KvmState
@@ -29,7 +30,7 @@ from blixard.scheduler.interface import NodeFacts, NodeView, Request
 _MAX_DETAIL = 80
 
 
-class FactFilter:
+class FactFilter(ABC):
     """Base of the built-in filters: a batch test on facts, and the words for a refusal."""
 
     def check(self, node: NodeView, request: Request) -> str | None:
@@ -37,6 +38,7 @@ class FactFilter:
         facts, rf = node.facts, request_facts(request)
         return None if self.select([facts], rf) else self.why(facts, rf)
 
+    @abstractmethod
     def select(self, nodes: list[NodeFacts], request: RequestFacts) -> list[NodeFacts]:
         """The nodes that pass, in the order given.
 
@@ -44,11 +46,12 @@ class FactFilter:
         reference machine a Python call costs about 0.3 us, a comprehension
         step a sixth of that, and ``place()`` runs this for every node visited.
         """
-        raise NotImplementedError
+        ...
 
+    @abstractmethod
     def why(self, node: NodeFacts, request: RequestFacts) -> str:
         """Why the node is refused; called only for a node that :meth:`select` dropped."""
-        raise NotImplementedError
+        ...
 
 
 class AliveFilter(FactFilter):

@@ -15,22 +15,25 @@ is that batch method applied to one node.
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
+
 from blixard.scheduler.compiled import RequestFacts, request_facts
 from blixard.scheduler.interface import NodeFacts, NodeView, Request
 
 NEUTRAL = 0.5
 
 
-class FactWeigher:
+class FactWeigher(ABC):
     """Base of the built-in weighers."""
 
     def weigh(self, node: NodeView, request: Request) -> float:
         """0..1: how good the node is for the request; multiplied by a factor."""
         return self.scores([node.facts], request_facts(request))[0]
 
+    @abstractmethod
     def scores(self, nodes: list[NodeFacts], request: RequestFacts) -> list[float]:
         """The score of each node, in order."""
-        raise NotImplementedError
+        ...
 
 
 class BestFitWeigher(FactWeigher):

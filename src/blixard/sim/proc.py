@@ -22,6 +22,7 @@ after ``store_timeout_s``, as the real clients do.
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from collections.abc import Callable, Generator
 from functools import partial
 from typing import TYPE_CHECKING, Any
@@ -36,11 +37,11 @@ if TYPE_CHECKING:
 Resume = Callable[[Any, BaseException | None], None]
 
 
-class Op:
+class Op(ABC):
     """Something a coroutine waits for."""
 
-    def start(self, proc: Proc) -> None:
-        raise NotImplementedError
+    @abstractmethod
+    def start(self, proc: Proc) -> None: ...
 
 
 class Call(Op):
