@@ -462,7 +462,7 @@ class Agent:
         again = crashed or boot_failed
         reason = "restarted" if again else ""
         if local.fenced_out:
-            reason, local.fenced_out = "restarted after fencing", False
+            reason = "restarted after fencing"
         await self._start(inst, vm, local, driver, reason=reason, count=again)
 
     async def _ensure_stopped(self, inst: Instance, local: LocalTask) -> None:
@@ -489,11 +489,6 @@ class Agent:
             local.handle = None
         executor.kill_strays(run_dir)
         run_dir.mkdir(parents=True, exist_ok=True)
-        if count:
-            local.restarts += 1
-        local.stopping = False
-        local.policy = vm.spec.restart
-        local.fencing = vm.spec.fencing
         # The start is announced with a compare-and-swap that checks node and epoch
         # first: a controller that reassigned the instance meanwhile wins, and we
         # never start a copy it may already run elsewhere.
@@ -509,6 +504,13 @@ class Agent:
             log.info("not starting: the store answered after the fencing deadline")
             self._wake_up(local.name, after_s=0.5)
             return
+        # Only now is this a start: until here, a refused or failed announcement must
+        # leave the task as it was (a fenced task that looked crashed would be counted).
+        if count:
+            local.restarts += 1
+        local.stopping, local.fenced_out = False, False
+        local.policy = vm.spec.restart
+        local.fencing = vm.spec.fencing
         self._save(local, run_dir)  # no handle yet: marks a start in progress
         executor.link_fence(run_dir, self._fence_target(vm.spec.fencing))
         try:
