@@ -80,3 +80,54 @@ class LeaseNotFound(NotFound):
     """The lease expired or was revoked; keys attached to it are gone."""
 
     code = "lease_not_found"
+
+
+# --- serverless functions: the gateway's and the runtimes' answers ---------------------
+# One set of classes for the server (which raises them) and the client (which maps the
+# answer's code back to them), like every other error here.
+
+
+class PayloadTooLarge(ValidationError):
+    """413: the event is larger than the gateway's limit.
+
+    A ValidationError, so the CLI exits 2 as for any bad input: sending the same
+    event again can never succeed. ``str()`` is the message as is.
+    """
+
+    code = "payload_too_large"
+
+    def __init__(self, message: str, field: str = "event") -> None:
+        BlixardError.__init__(self, message)
+        self.field = field
+        self.reason = message
+
+
+class TooManyRequests(BlixardError):
+    """429: the function's executions and this gateway's queue are full; retry later."""
+
+    code = "too_many_requests"
+
+
+class HandlerFailed(BlixardError):
+    """502: the handler crashed, exited non-zero, or answered something that is not a response.
+
+    ``detail`` is the handler's own words (stderr tail, evaluator error), for logs.
+    """
+
+    code = "handler_failed"
+
+    def __init__(self, message: str, detail: str = "") -> None:
+        super().__init__(message)
+        self.detail = detail
+
+
+class NoCapacity(BlixardError):
+    """503: no node can run a worker of the function (the message says why, per node)."""
+
+    code = "no_capacity"
+
+
+class HandlerTimeout(BlixardError):
+    """504: the execution ran past the function's timeout and was killed."""
+
+    code = "handler_timeout"

@@ -4,7 +4,8 @@ See :mod:`blixard.images.registry` for the on-disk layout and
 :mod:`blixard.images.builder` for how an image is made.
 """
 
-from blixard.images.builder import DEFAULT_CMDLINE, build_image
+from blixard.images.builder import DEFAULT_CMDLINE, FUNCTION_IMAGE, build_image
+from blixard.images.function_agent import AGENT_VERSION
 from blixard.images.initramfs import READY_LINE
 from blixard.images.registry import (
     DEFAULT_IMAGE,
@@ -18,8 +19,10 @@ from blixard.images.registry import (
 )
 
 __all__ = [
+    "AGENT_VERSION",
     "DEFAULT_CMDLINE",
     "DEFAULT_IMAGE",
+    "FUNCTION_IMAGE",
     "READY_LINE",
     "Image",
     "ImageError",

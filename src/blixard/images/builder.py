@@ -25,6 +25,15 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from blixard.domain.errors import BlixardError, NotFound
+from blixard.images.function_agent import (
+    AGENT_EXTRA_CMDLINE,
+    AGENT_MODULES,
+    AGENT_READY_LINE,
+    AGENT_VERSION,
+    RESEED_PATH,
+    agent_init_script,
+    reseed_crng_elf,
+)
 from blixard.images.initramfs import DEFAULT_MODULES, READY_LINE, build_initramfs, module_name
 from blixard.images.kernel import extract_vmlinux, find_host_kernel, kernel_release
 from blixard.images.registry import (
@@ -48,6 +57,8 @@ DEFAULT_CMDLINE = (
     "initcall_blacklist=init_kprobe_trace,crypto_kdf108_init,load_system_certificate_list"
 )
 DEFAULT_BUSYBOX = Path("/bin/busybox")
+#: The image name the ``microvm`` function runtime uses unless told otherwise.
+FUNCTION_IMAGE = "function"
 
 
 def _sha256(path: Path) -> ImageFile:
@@ -79,8 +90,14 @@ def build_image(
     force: bool = False,
     busybox: Path = DEFAULT_BUSYBOX,
     modules_root: Path = Path("/lib/modules"),
+    function_agent: bool = False,
 ) -> Image:
     """Build (or, unless ``force``, reuse) the image ``<images_dir>/<name>``.
+
+    ``function_agent`` builds a function guest instead of a VM guest: its
+    ``/init`` is the guest agent of the ``microvm`` runtime
+    (:mod:`blixard.images.function_agent`) and it loads only the virtio-serial
+    modules. An existing image of the other kind is rebuilt.
 
     ``kernel`` is a bzImage; by default the newest /boot/vmlinuz-*-cloud-amd64.
     An existing complete image is returned unchanged without ``force``, so
@@ -92,7 +109,9 @@ def build_image(
         target = images_dir / name
         if not force and (target / MANIFEST).is_file():
             with contextlib.suppress(BlixardError):
-                return load_image(target)  # a broken one is rebuilt below
+                existing = load_image(target)  # a broken one is rebuilt below
+                if bool(existing.guest_agent) == function_agent:
+                    return existing
         source = kernel if kernel is not None else find_host_kernel()
         release = kernel_release(source)
         modules_dir = modules_root / release
@@ -104,20 +123,32 @@ def build_image(
         work = Path(tempfile.mkdtemp(prefix=f".{name}.build-", dir=images_dir))
         try:
             extract_vmlinux(source, work / KERNEL_FILE)
-            cpio, order = build_initramfs(
-                busybox=busybox, modules_dir=modules_dir, modules=DEFAULT_MODULES
-            )
+            if function_agent:
+                cpio, order = build_initramfs(
+                    busybox=busybox,
+                    modules_dir=modules_dir,
+                    modules=AGENT_MODULES,
+                    init_script=agent_init_script(),
+                    extra_files={RESEED_PATH: (reseed_crng_elf(), 0o755)},
+                )
+            else:
+                cpio, order = build_initramfs(
+                    busybox=busybox, modules_dir=modules_dir, modules=DEFAULT_MODULES
+                )
             (work / INITRD_FILE).write_bytes(cpio)
             image = Image(
                 name=name,
                 path=target,
                 kernel_release=release,
                 kernel_source=str(source),
-                cmdline=DEFAULT_CMDLINE,
-                ready_line=READY_LINE,
+                cmdline=f"{DEFAULT_CMDLINE} {AGENT_EXTRA_CMDLINE}"
+                if function_agent
+                else DEFAULT_CMDLINE,
+                ready_line=AGENT_READY_LINE if function_agent else READY_LINE,
                 built_at=datetime.now(UTC),
                 files={f: _sha256(work / f) for f in (KERNEL_FILE, INITRD_FILE)},
                 modules=[module_name(m) for m in order],
+                guest_agent=AGENT_VERSION if function_agent else "",
             )
             (work / MANIFEST).write_text(json.dumps(image.manifest(), indent=2) + "\n")
             work.chmod(0o755)

@@ -15,7 +15,7 @@ from __future__ import annotations
 import lzma
 import struct
 import subprocess
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
@@ -259,8 +259,15 @@ def build_initramfs(
     modules_dir: Path,
     modules: Iterable[str] = DEFAULT_MODULES,
     ready_line: str = READY_LINE,
+    init_script: str | None = None,
+    extra_files: Mapping[str, tuple[bytes, int]] | None = None,
 ) -> tuple[bytes, list[str]]:
-    """The guest's initramfs and the module files it loads, in load order."""
+    """The guest's initramfs and the module files it loads, in load order.
+
+    ``init_script`` replaces the default ``/init`` (the function guest agent
+    brings its own); it is used as given, without ``ready_line`` substitution.
+    ``extra_files`` maps more archive paths to (content, mode).
+    """
     try:
         bb = busybox.read_bytes()
     except FileNotFoundError:
@@ -292,5 +299,8 @@ def build_initramfs(
         names.append(name)
     archive.file("etc/modules", ("\n".join(names) + "\n").encode())
     archive.file("etc/acpi/PWRF/00000080", POWER_BUTTON_SCRIPT.encode(), 0o755)
-    archive.file("init", (INIT_SCRIPT % {"ready": ready_line}).encode(), 0o755)
+    init = init_script if init_script is not None else INIT_SCRIPT % {"ready": ready_line}
+    archive.file("init", init.encode(), 0o755)
+    for path, (data, mode) in sorted((extra_files or {}).items()):
+        archive.file(path, data, mode)
     return archive.to_bytes(), order

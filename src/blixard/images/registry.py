@@ -15,6 +15,11 @@ An image is a directory ``<images_dir>/<name>/`` holding::
      "cmdline": "quiet ...", "ready_line": "blixard-guest: ready",
      "modules": ["virtio_ring.ko", ...], "built_at": "2025-01-01T00:00:00+00:00"}
 
+A function image (``build_image(..., function_agent=True)``) also has
+``"guest_agent": "blixard-function-agent/1"``: its ``/init`` is the guest agent
+of the ``microvm`` function runtime, which reads this key (through the JSON,
+as the functions layer may not import this one).
+
 The manifest is written last (atomically, the whole directory is renamed into
 place), so a directory with an ``image.json`` is a complete image. The QEMU
 driver reads the same manifest (it may not import this layer): ``files``,
@@ -64,6 +69,9 @@ class Image:
     built_at: datetime
     files: dict[str, ImageFile] = field(default_factory=dict)
     modules: list[str] = field(default_factory=list)
+    #: Protocol of the guest agent serving functions ("" for an ordinary VM image);
+    #: the ``microvm`` function runtime only boots images that declare one.
+    guest_agent: str = ""
 
     @property
     def kernel(self) -> Path:
@@ -85,6 +93,8 @@ class Image:
             "ready_line": self.ready_line,
             "modules": list(self.modules),
             "built_at": self.built_at.isoformat(),
+            # Written only for function images: ordinary images keep their exact manifest.
+            **({"guest_agent": self.guest_agent} if self.guest_agent else {}),
         }
 
     def summary(self) -> dict[str, Any]:
@@ -132,6 +142,7 @@ def load_image(path: Path) -> Image:
                 for k, v in raw["files"].items()
             },
             modules=[str(m) for m in raw.get("modules", [])],
+            guest_agent=str(raw.get("guest_agent", "")),
         )
     except FileNotFoundError:
         raise NotFound(f"image: {path} has no {MANIFEST}") from None
