@@ -84,19 +84,17 @@ async def env() -> AsyncIterator[Env]:
                 await driver.aclose()
 
 
-def systemd_spec(*command: str) -> VMSpec:
-    """A spec carrying a unit in boot.command, with the systemd hypervisor.
+def systemd_spec(unit: str) -> VMSpec:
+    """A spec of the systemd hypervisor carrying ``unit`` in boot.unit.
 
-    The domain accepts boot.command only with the process hypervisor (and
-    checks its arguments), so a valid spec is parsed, then changed with
+    The domain checks unit names, so a valid spec is parsed, then changed with
     model_copy, which does not validate: the driver's own checks are tested.
     """
     spec = parse(
         VMSpec,
-        {"hypervisor": "process", "boot": {"command": ["placeholder"]}, "boot_timeout_s": 5},
+        {"hypervisor": "systemd", "boot": {"unit": "placeholder"}, "boot_timeout_s": 5},
     )
-    boot = spec.boot.model_copy(update={"command": list(command)})
-    return spec.model_copy(update={"hypervisor": Hypervisor.SYSTEMD, "boot": boot})
+    return spec.model_copy(update={"boot": spec.boot.model_copy(update={"unit": unit})})
 
 
 def job_calls(fake: FakeSystemd) -> list[tuple[str, tuple[Any, ...]]]:
@@ -134,7 +132,7 @@ async def test_starting_a_running_unit_starts_no_second_copy(env: Env) -> None:
     assert again.data["active_enter_us"] == first.data["active_enter_us"]
 
 
-async def test_driver_protocol_start_reads_the_unit_from_boot_command(
+async def test_driver_protocol_start_reads_the_unit_from_boot_unit(
     env: Env, tmp_path: Path
 ) -> None:
     run_dir = tmp_path / "run"
@@ -145,10 +143,11 @@ async def test_driver_protocol_start_reads_the_unit_from_boot_command(
     assert not run_dir.exists()
     assert (await env.driver.unit_state("nginx.service")).active_state == "inactive"
 
+    process = parse(VMSpec, {"hypervisor": "process", "boot": {"command": ["nginx.service"]}})
     with pytest.raises(ValidationError) as info:
-        await env.driver.start("svc-1", systemd_spec("nginx.service", "--now"), run_dir)
-    assert info.value.field == "spec.boot.command"
-    assert "exactly one unit name" in info.value.reason
+        await env.driver.start("svc-1", process, run_dir)
+    assert info.value.field == "spec.boot.unit"
+    assert "runs a unit, not boot.command" in info.value.reason
 
 
 async def test_restart_gives_a_new_run_of_the_same_unit(env: Env) -> None:
@@ -341,7 +340,7 @@ async def test_bad_unit_names_are_refused_before_any_dbus_call(
     assert (info.value.field, reason in info.value.reason) == ("unit", True), info.value
     with pytest.raises(ValidationError) as info:
         await driver.start("svc-0", systemd_spec(name), tmp_path / "run")
-    assert info.value.field == "spec.boot.command[0]"
+    assert info.value.field == "spec.boot.unit"
     bad = TaskHandle("systemd", "svc-0", "", -1, 0, data={"unit": name})
     for use in (driver.inspect, driver.recover, driver.wait, driver.destroy):
         with pytest.raises(ValidationError) as info:

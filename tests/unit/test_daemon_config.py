@@ -101,3 +101,23 @@ def test_node_start_with_a_bad_config_exits_2_without_traceback(tmp_path: Path) 
     assert res.returncode == 2
     assert "microvm.accell" in res.stderr and "Traceback" not in res.stderr
     assert not (tmp_path / "d").exists()
+
+
+def test_services_section_and_flags(tmp_path: Path) -> None:
+    path = write(tmp_path, '[services]\ndriver = "process"\nunit_dirs = ["/srv/units"]\n')
+    cfg = load_config({}, env={}, config_path=path)
+    assert cfg.service_driver == "process" and cfg.unit_dirs == [Path("/srv/units")]
+    flags = {"service_driver": "none", "unit_dirs": ["/a", "/b"]}
+    cfg = load_config(flags, env={}, config_path=path)
+    assert cfg.service_driver == "none" and cfg.unit_dirs == [Path("/a"), Path("/b")]
+    default = load_config({}, env={}, config_path=write(tmp_path, ""))
+    assert default.service_driver == "auto"
+    assert default.unit_dirs == [Path("/etc/systemd/system")]
+    for text, field in [
+        ('[services]\ndriver = "docker"\n', "services.driver"),
+        ('[services]\nunit_dirs = ["units"]\n', "services.unit_dirs"),
+        ('[services]\nunit_dir = ["/x"]\n', "services.unit_dir"),
+    ]:
+        with pytest.raises(ValidationError) as info:
+            load_config({}, env={}, config_path=write(tmp_path, text))
+        assert field in info.value.field, info.value

@@ -110,6 +110,7 @@ def print_vm(d: VMDetails) -> None:
         "image": boot.image,
         "flake": boot.flake,
         "command": " ".join(boot.command or []),
+        "unit": boot.unit,
     }[boot.kind]
     rows = [
         ("Name", vm.metadata.name),

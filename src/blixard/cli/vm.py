@@ -29,6 +29,7 @@ from blixard.cli.wait import Goal, WaitTimeout, settle, wait_for
 from blixard.client.http import BlixardClient
 from blixard.client.models import VMDetails
 from blixard.domain.errors import ValidationError
+from blixard.domain.service import owner_of
 from blixard.domain.units import parse_duration_s
 from blixard.domain.vm import MAX_REPLICAS, VM
 
@@ -352,19 +353,28 @@ def status(
 
 @vm_app.command("list")
 def list_vms(
+    all_: Annotated[
+        bool,
+        typer.Option("--all", help="Also list the VMs that run services' units"),
+    ] = False,
     output: OutputOption = OutputFormat.TABLE,
     api: ApiOption = None,
     token: TokenOption = None,
 ) -> None:
-    """List VMs."""
+    """List VMs (those that run services' units only with --all: `service list` shows them)."""
     with failures(), session(api, token) as client:
         items: list[VMDetails] = client.list_vms()
+        shown = items if all_ else [d for d in items if owner_of(d.vm) is None]
+        hidden = len(items) - len(shown)
         if output is not OutputFormat.TABLE:
-            print_data(as_data(items), output)
-        elif items:
-            out.print(vm_table(items))
+            print_data(as_data(shown), output)
+            return
+        if shown:
+            out.print(vm_table(shown))
         else:
             out.print("No VMs.")
+        if hidden:
+            out.print(f"({hidden} VMs of services not shown: --all shows them)")
 
 
 @vm_app.command("logs")

@@ -17,11 +17,12 @@ import httpx
 from pydantic import BaseModel, ConfigDict, Field
 
 from blixard.client.errors import ApiUnreachable, UnexpectedAnswer, error_from_response
-from blixard.client.models import Health, NodeDetails, VMDetails
+from blixard.client.models import Health, ImportResult, NodeDetails, ServiceDeleted, VMDetails
 from blixard.domain.errors import BlixardError, ValidationError
 from blixard.domain.instance import Instance
 from blixard.domain.node import Node
 from blixard.domain.parse import parse
+from blixard.domain.service import Service
 from blixard.domain.vm import VM
 
 M = TypeVar("M", bound=BaseModel)
@@ -232,6 +233,33 @@ class BlixardClient:
     def scale_vm(self, name: str, replicas: int) -> VM:
         path = _path("vms", name, "scale")
         return self._model(VM, self._request("POST", path, json={"replicas": replicas}))
+
+    # ------------------------------------------------------------------ services
+
+    def start_service(self, name: str, body: dict[str, Any] | None = None) -> Service:
+        """Create or start a service; ``body`` may hold unit, nodes, replicas, placement."""
+        path = _path("services", name, "start")
+        return self._model(Service, self._request("POST", path, json=body or {}))
+
+    def stop_service(self, name: str) -> Service:
+        return self._model(Service, self._request("POST", _path("services", name, "stop")))
+
+    def restart_service(self, name: str) -> Service:
+        return self._model(Service, self._request("POST", _path("services", name, "restart")))
+
+    def get_service(self, name: str) -> Service:
+        return self._model(Service, self._request("GET", _path("services", name)))
+
+    def list_services(self) -> list[Service]:
+        return self._items(Service, self._request("GET", "/v1/services"))
+
+    def delete_service(self, name: str) -> ServiceDeleted:
+        return self._model(ServiceDeleted, self._request("DELETE", _path("services", name)))
+
+    def import_services(self, services: list[dict[str, Any]], *, overwrite: bool) -> ImportResult:
+        body = {"services": services, "overwrite": overwrite}
+        response = self._request("POST", "/v1/services/import", json=body)
+        return self._model(ImportResult, response)
 
     def list_instances(self, vm: str | None = None) -> list[Instance]:
         params = {"vm": vm} if vm is not None else None

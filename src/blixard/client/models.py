@@ -14,6 +14,7 @@ from pydantic import BaseModel, ConfigDict
 
 from blixard.domain.instance import Instance
 from blixard.domain.node import Node
+from blixard.domain.service import Service
 from blixard.domain.vm import VM
 
 
@@ -41,3 +42,22 @@ class Health(BaseModel):
     status: str
     registered: bool
     store: dict[str, Any]
+
+
+class ServiceDeleted(BaseModel):
+    """``DELETE /v1/services/{name}``: the service as it was and the VMs deleted with it."""
+
+    model_config = ConfigDict(extra="allow")
+
+    service: Service
+    vms: list[str]
+
+
+class ImportResult(BaseModel):
+    """``POST /v1/services/import``: which services were created, updated or left alone."""
+
+    model_config = ConfigDict(extra="allow")
+
+    created: list[str] = []
+    updated: list[str] = []
+    unchanged: list[str] = []

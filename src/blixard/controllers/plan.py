@@ -45,7 +45,7 @@ from blixard.domain.instance import (
 from blixard.domain.keys import instance_name
 from blixard.domain.meta import ObjectMeta
 from blixard.domain.node import Node, Resources
-from blixard.domain.vm import VM, Fencing, VMPhase, VMStatus
+from blixard.domain.vm import VM, Fencing, Hypervisor, VMPhase, VMStatus
 from blixard.scheduler.placement import Decision, NodeView, Request, place
 
 #: Observed states in which a task holds its node's resources.
@@ -115,7 +115,14 @@ class Plan:
 def resources_of(vm: VM) -> Resources:
     # model_construct: sums of validated values need no validation, and placing
     # thousands of instances per pass must not parse sizes again each time.
+    if vm.spec.hypervisor is Hypervisor.SYSTEMD:
+        # A host's systemd unit (a Service) uses the host's resources, not a reservation:
+        # counting 1 vCPU each would cap a node at a handful of services.
+        return _NOTHING
     return Resources.model_construct(vcpus=vm.spec.vcpus, memory_mib=vm.spec.memory_mib)
+
+
+_NOTHING = Resources.model_construct(vcpus=0, memory_mib=0)
 
 
 def active_at_epoch(inst: Instance) -> bool:
@@ -173,7 +180,8 @@ class Planner:
 
     @staticmethod
     def need(vm: VM) -> Need:
-        return Need(vm.spec.vcpus, vm.spec.memory_mib, _groups(vm))
+        res = resources_of(vm)
+        return Need(res.vcpus, res.memory_mib, _groups(vm))
 
     def _need_of(self, inst: Instance) -> Need | None:
         """What ``inst`` holds: from its VM, or from its own record once the VM is gone

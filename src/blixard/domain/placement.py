@@ -36,6 +36,10 @@ from blixard.domain.units import parse_size_bytes
 
 MAX_CONSTRAINTS = 32
 MAX_GROUPS = 16
+#: A node selector key every node matches with its own name (as Kubernetes'
+#: ``kubernetes.io/hostname``): ``{"blixard.io/node": "n1"}`` pins a workload to
+#: node n1. The scheduler reads the node's name for it, not its labels.
+NODE_NAME_KEY = "blixard.io/node"
 
 _CONSTRAINT = re.compile(
     r"\s*(?P<key>[^=!<>\s]+)\s*(?P<op>==|!=|>=|<=|=|>|<)\s*(?P<value>[^=!<>]*?)\s*"

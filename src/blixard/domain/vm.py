@@ -25,7 +25,7 @@ from blixard.domain.fields import (
 )
 from blixard.domain.keys import Kind
 from blixard.domain.meta import SpecModel, StatusModel, StoredObject
-from blixard.domain.names import DNS_LABEL_MAX
+from blixard.domain.names import DNS_LABEL_MAX, validate_unit_name
 from blixard.domain.placement import Placement
 
 MAX_REPLICAS = 1000
@@ -146,6 +146,8 @@ def validate_command_arg(value: Any, field: str) -> str:
 
 
 CommandArg = Annotated[str, BeforeValidator(bridge(validate_command_arg))]
+#: A systemd unit name, checked by the domain's rule (``.service`` added when no type).
+UnitName = Annotated[str, BeforeValidator(bridge(validate_unit_name))]
 
 
 class Accel(StrEnum):
@@ -157,11 +159,14 @@ class Accel(StrEnum):
 
 
 class BootSource(SpecModel):
-    """How the guest boots: exactly one of ``kernel``, ``image``, ``flake`` or ``command``.
+    """How the guest boots: exactly one of ``kernel``, ``image``, ``flake``, ``command``
+    or ``unit``.
 
     ``initrd``, ``disk`` and ``cmdline`` go with ``kernel`` only: an image and a
     flake bring their own. ``command`` is the workload of the ``process``
     hypervisor: an argv run as a supervised process instead of a guest.
+    ``unit`` is the workload of the ``systemd`` hypervisor: a systemd unit
+    installed on the host (what a Service runs, see domain/service.py).
     """
 
     kernel: HostPath | None = None
@@ -171,16 +176,17 @@ class BootSource(SpecModel):
     image: ImageRef | None = None
     flake: FlakeRef | None = None
     command: list[CommandArg] | None = Field(default=None, min_length=1, max_length=256)
+    unit: UnitName | None = None
 
     @model_validator(mode="after")
     def _exactly_one(self) -> BootSource:
-        sources = ("kernel", "image", "flake", "command")
+        sources = ("kernel", "image", "flake", "command", "unit")
         given = [name for name in sources if getattr(self, name) is not None]
         if len(given) != 1:
             got = " and ".join(given) if given else "none"
             raise refuse(
                 "needs exactly one boot source: kernel (with optional initrd, disk and "
-                f"cmdline), image, flake, or command; got {got}"
+                f"cmdline), image, flake, command, or unit; got {got}"
             )
         if self.kernel is None:
             extras = [n for n in ("initrd", "disk", "cmdline") if getattr(self, n) is not None]
@@ -191,12 +197,14 @@ class BootSource(SpecModel):
         return self
 
     @property
-    def kind(self) -> Literal["kernel", "image", "flake", "command"]:
+    def kind(self) -> Literal["kernel", "image", "flake", "command", "unit"]:
         """Which boot source this is."""
         if self.kernel is not None:
             return "kernel"
         if self.command is not None:
             return "command"
+        if self.unit is not None:
+            return "unit"
         return "image" if self.image is not None else "flake"
 
 
@@ -252,6 +260,17 @@ class VMSpec(SpecModel):
         if is_command and self.hypervisor is not Hypervisor.PROCESS:
             raise refuse(
                 f"boot.command runs only on the process hypervisor, not {self.hypervisor.value}",
+                subfield="hypervisor",
+            )
+        is_unit = self.boot.unit is not None
+        if self.hypervisor is Hypervisor.SYSTEMD and not is_unit:
+            raise refuse(
+                f"the systemd hypervisor runs boot.unit; give a unit, not {self.boot.kind}",
+                subfield="boot",
+            )
+        if is_unit and self.hypervisor is not Hypervisor.SYSTEMD:
+            raise refuse(
+                f"boot.unit runs only on the systemd hypervisor, not {self.hypervisor.value}",
                 subfield="hypervisor",
             )
         return self

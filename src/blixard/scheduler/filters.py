@@ -23,6 +23,7 @@ from abc import ABC, abstractmethod
 from functools import lru_cache
 
 from blixard.domain.node import KvmState
+from blixard.domain.placement import NODE_NAME_KEY
 from blixard.scheduler.compiled import RequestFacts, request_facts
 from blixard.scheduler.constraints import check_constraint, meets, node_value
 from blixard.scheduler.interface import NodeFacts, NodeView, Request
@@ -113,13 +114,16 @@ class NodeSelectorFilter(FactFilter):
 
     def select(self, nodes: list[NodeFacts], request: RequestFacts) -> list[NodeFacts]:
         for key, want in request.selector:
-            nodes = [n for n in nodes if n.labels.get(key) == want]
+            if key == NODE_NAME_KEY:  # every node's own name (domain/placement.py)
+                nodes = [n for n in nodes if n.name == want]
+            else:
+                nodes = [n for n in nodes if n.labels.get(key) == want]
         return nodes
 
     def why(self, node: NodeFacts, request: RequestFacts) -> str:
         labels = node.labels
         for key, want in request.selector:
-            have = labels.get(key)
+            have = node.name if key == NODE_NAME_KEY else labels.get(key)
             if have != want:
                 cause = ("selector", key, have)
                 text = request.notes.get(cause)

@@ -58,10 +58,26 @@ class ProcessDriver:
         program = argv[0]
         if shutil.which(program) is None:
             raise DriverError(f"spec.boot.command: {program!r} is not an executable on this node")
+        return await self.spawn_task(instance, argv, spec, run_dir)
+
+    async def spawn_task(
+        self,
+        instance: str,
+        argv: list[str],
+        spec: VMSpec,
+        run_dir: Path,
+        *,
+        cwd: Path | None = None,
+        env: dict[str, str] | None = None,
+    ) -> TaskHandle:
+        """Run ``argv`` under the shim (in ``cwd``, default the run directory, with ``env``,
+        default the agent's) and wait for ``spec.ready_line`` if it has one."""
         run_dir.mkdir(parents=True, exist_ok=True)
         log_path, exit_path = run_dir / LOG, run_dir / EXIT
         log_path.unlink(missing_ok=True)
-        spawned = executor.spawn(argv, log_path=log_path, exit_path=exit_path, cwd=run_dir)
+        spawned = executor.spawn(
+            argv, log_path=log_path, exit_path=exit_path, cwd=cwd or run_dir, env=env
+        )
         handle = TaskHandle(
             driver=self.name,
             instance=instance,

@@ -9,12 +9,10 @@ manager on the system bus (``$DBUS_SYSTEM_BUS_ADDRESS`` or
 
 Conventions and limits:
 
-* **Which unit**: :meth:`SystemdDriver.start_unit` takes the unit name. The
+* **Which unit**: :meth:`SystemdDriver.start_unit` takes the unit name; the
   Driver protocol's :meth:`~SystemdDriver.start` reads it from
-  ``spec.boot.command[0]`` (exactly one element), whatever ``spec.hypervisor``
-  says: today the domain has no boot source for a unit (``boot.command`` is
-  accepted only with the ``process`` hypervisor), so services should call
-  :meth:`start_unit` with ``ServiceSpec.unit``.
+  ``spec.boot.unit`` (the boot source of the ``systemd`` hypervisor, which a
+  Service's VMs carry), checked again here since specs are read back from disk.
 * **Jobs**: start, stop and restart queue a job with mode ``replace`` and
   wait for its ``JobRemoved`` signal (as ``systemctl`` does), then read the
   unit's state. A start whose job fails, or whose unit is not running after
@@ -157,15 +155,12 @@ class SystemdDriver:
     # ----------------------------------------------------------------- start
 
     async def start(self, instance: str, spec: VMSpec, run_dir: Path) -> TaskHandle:
-        """Start the unit named by ``spec.boot.command[0]`` (the module's convention)."""
-        command = spec.boot.command
-        if not command or len(command) != 1:
-            got = "none" if not command else f"{len(command)} arguments"
+        """Start the unit named by ``spec.boot.unit``."""
+        if spec.boot.unit is None:
             raise ValidationError(
-                "spec.boot.command",
-                f"the systemd driver takes exactly one unit name here, got {got}",
+                "spec.boot.unit", f"the systemd driver runs a unit, not boot.{spec.boot.kind}"
             )
-        unit = check_unit_name(command[0], "spec.boot.command[0]")
+        unit = check_unit_name(spec.boot.unit, "spec.boot.unit")
         return await self.start_unit(
             unit, instance=instance, run_dir=run_dir, timeout_s=spec.boot_timeout_s
         )
