@@ -263,7 +263,7 @@ class Daemon:
         """Start the daemon; ``ports=False`` is a restart (cluster.json says how)."""
         args = [*("node", "start", "--node-id", self.name, "--data-dir", str(self.data_dir))]
         args += ["--api-host", "127.0.0.1", "--api-port", str(self.api_port)]
-        args += ["--config", str(self.config)]
+        args += ["--config", str(self.config), "--gateway-port", "0"]
         if ports:
             args += ["--etcd-client-port", str(self.client_port)]
             args += ["--etcd-peer-port", str(self.peer_port)]

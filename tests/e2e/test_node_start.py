@@ -29,6 +29,8 @@ def start_node(
 ) -> subprocess.Popen[str]:
     """A node; TCG-only unless asked, so it spends no CPU on a KVM probe."""
     args = ["node", "start", "--data-dir", str(data_dir), "--api-port", str(port)]
+    if "--gateway-port" not in extra:
+        args += ["--gateway-port", str(free_port())]
     return subprocess.Popen(
         [*BLIXARD, *args, "--node-id", node_id, *extra],
         env={**os.environ, "BLIXARD_ACCEL": accel},
@@ -94,7 +96,8 @@ def test_node_starts_on_embedded_store_and_stops_cleanly(
     record, live_keys = asyncio.run(stored())
     # vCPUs are offered with the default overcommit of 4 per host CPU; memory is not.
     assert record.status.ready and record.status.capacity.vcpus == 4 * (os.cpu_count() or 1)
-    assert {h.value for h in record.status.hypervisors} == {"qemu", "process"}
+    # systemd: services' units, run as processes here (no systemd as PID 1; docs/services.md).
+    assert {h.value for h in record.status.hypervisors} == {"qemu", "process", "systemd"}
     assert record.status.capacity.memory_mib > 0
     assert record.spec.api_url == f"http://127.0.0.1:{port}"
     assert live_keys == 0  # a clean stop revoked the liveness lease

@@ -36,7 +36,11 @@ class RunningNode:
 
     def start(self) -> None:
         self.proc = subprocess.Popen(
-            [*BLIXARD, "node", "start", "--node-id", "e2e", "--api-port", str(self.port)],
+            [
+                *BLIXARD,
+                *("node", "start", "--node-id", "e2e", "--api-port", str(self.port)),
+                *("--gateway-port", str(free_port())),
+            ],
             env=self.env,
             stdout=subprocess.DEVNULL,
             stderr=open(self.data_dir.parent / "node.log", "a"),  # noqa: SIM115

@@ -29,6 +29,8 @@ lease_ttl_s = 2
 timeout_s = 3
 [microvm]
 build_default_image = false
+[functions]
+runtimes = ["nix", "command"]
 """
 
 
@@ -47,6 +49,7 @@ class Daemon:
     api_port: int = field(default_factory=free_port)
     client_port: int = field(default_factory=free_port)
     peer_port: int = field(default_factory=free_port)
+    gateway_port: int = field(default_factory=free_port)
     proc: subprocess.Popen[str] | None = None
 
     @property
@@ -64,6 +67,7 @@ class Daemon:
     def start(self, *extra: str, ports: bool = True) -> None:
         args = ["node", "start", "--node-id", self.name, "--data-dir", str(self.data_dir)]
         args += ["--api-port", str(self.api_port), "--config", str(self.config)]
+        args += ["--gateway-port", str(self.gateway_port)]
         if ports:
             args += ["--etcd-client-port", str(self.client_port)]
             args += ["--etcd-peer-port", str(self.peer_port)]

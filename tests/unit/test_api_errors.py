@@ -109,6 +109,19 @@ async def test_openapi_describes_every_route(api: Api) -> None:
         "/v1/cluster/nodes/{name}/cordon": {"post"},
         "/v1/cluster/nodes/{name}/uncordon": {"post"},
         "/v1/cluster/nodes/{name}/drain": {"post"},
+        "/v1/services": {"get"},
+        "/v1/services/import": {"post"},
+        "/v1/services/{name}": {"get", "delete"},
+        "/v1/services/{name}/start": {"post"},
+        "/v1/services/{name}/stop": {"post"},
+        "/v1/services/{name}/restart": {"post"},
+        "/v1/functions": {"get", "post"},
+        "/v1/functions/{name}": {"get", "put", "delete"},
+        "/v1/functions/{name}/invoke": {"post"},
+        "/v1/functions/{name}/triggers": {"post", "delete"},
+        "/v1/functions/{name}/metrics": {"get"},
+        "/v1/functions/{name}/logs": {"get"},
+        "/metrics": {"get"},
     }
     assert {p: set(ops) for p, ops in paths.items()} == expected
     for path, ops in paths.items():

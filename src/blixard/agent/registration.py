@@ -41,6 +41,7 @@ class NodeRegistration:
         data_dir: Path,
         *,
         api_url: str | None = None,
+        gateway_url: str | None = None,
         ttl_s: int = 5,
         clock: Callable[[], float] = time.monotonic,
         version: str = "",
@@ -61,6 +62,7 @@ class NodeRegistration:
         self.node_id = node_id
         self.data_dir = data_dir
         self.api_url = api_url
+        self.gateway_url = gateway_url
         self.ttl_s = ttl_s
         self.clock = clock
         self.version = version
@@ -94,7 +96,10 @@ class NodeRegistration:
             "last_heartbeat": now,
         }
 
-        configured: dict[str, object] = {"api_url": self.api_url}
+        configured: dict[str, object] = {
+            "api_url": self.api_url,
+            "gateway_url": self.gateway_url,
+        }
         if self.roles is not None:
             configured["roles"] = self.roles
         if self.labels is not None:  # the zone comes with the labels: both are configuration

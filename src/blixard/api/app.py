@@ -14,23 +14,28 @@ as the import rules require, and lets tests pass plain functions.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from fastapi import FastAPI
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 
 from blixard import __version__
 from blixard.api.auth import BearerAuthMiddleware, TokenAuthority
 from blixard.api.checks import NodeFacts
 from blixard.api.cluster import ClusterOps, NoCluster, cluster_router
 from blixard.api.errors import CatchAllMiddleware, install_error_handlers
+from blixard.api.functions import functions_router
 from blixard.api.instances import instances_router
 from blixard.api.logs import LogSource
 from blixard.api.nodes import nodes_router
 from blixard.api.openapi import install_openapi
+from blixard.api.services import services_router
 from blixard.api.vms import vms_router
 from blixard.domain.errors import StoreError
+from blixard.domain.function import Runtime
+from blixard.functions.gateway import Gateway
+from blixard.functions.runtime import Runtime as FunctionRuntime
 from blixard.store.objects import ObjectStore
 from blixard.store.protocol import StateStore
 
@@ -39,6 +44,15 @@ _TAGS = [
     {"name": "vms", "description": "Long-lived VMs: desired state, written by users."},
     {"name": "instances", "description": "Replicas of VMs, written by controllers and agents."},
     {"name": "nodes", "description": "The hosts of the cluster and their liveness."},
+    {
+        "name": "functions",
+        "description": "Serverless functions: documents, invoke, HTTP triggers, metrics, logs.",
+    },
+    {
+        "name": "services",
+        "description": "systemd units kept running on chosen nodes (the older "
+        "service_manager verbs), and import of the older system's services.",
+    },
     {
         "name": "cluster",
         "description": "Joining, etcd membership, cordon, drain, removal (admin tokens; "
@@ -58,6 +72,8 @@ def create_app(
     image_exists: Callable[[str], bool],
     known_images: Callable[[], list[str]],
     cluster: ClusterOps | None = None,
+    gateway: Gateway | None = None,
+    runtimes: Mapping[Runtime, FunctionRuntime] | None = None,
 ) -> FastAPI:
     """The API of node ``node_id`` over ``store``.
 
@@ -102,6 +118,15 @@ def create_app(
     app.include_router(vms_router(objects, facts, logs))
     app.include_router(instances_router(objects))
     app.include_router(nodes_router(objects))
+    app.include_router(functions_router(objects, gateway, runtimes or {}))
+
+    @app.get("/metrics", tags=["functions"], summary="Prometheus metrics of this node")
+    async def metrics() -> Response:
+        """Function invocations, starts, durations, queue time (Prometheus text format)."""
+        body = gateway.metrics.exposition() if gateway is not None else b""
+        return Response(body, media_type="text/plain; version=0.0.4; charset=utf-8")
+
+    app.include_router(services_router(objects, node_id))
     app.include_router(
         cluster_router(
             objects,

@@ -25,20 +25,33 @@ from blixard.domain.errors import (
     AlreadyExists,
     BlixardError,
     Conflict,
+    HandlerFailed,
+    HandlerTimeout,
+    NoCapacity,
     NotFound,
+    PayloadTooLarge,
     StoreUnavailable,
+    TooManyRequests,
     ValidationError,
 )
 from blixard.domain.parse import ROOT_FIELD, dotted
 from blixard.domain.token import Unauthorized
+from blixard.functions.host import WorkerBusy, WorkerNotHere
 
 log = structlog.get_logger(__name__)
 
 #: First match wins, so subclasses come before their bases.
 _STATUS: tuple[tuple[type[BlixardError], int], ...] = (
+    (PayloadTooLarge, 413),  # a ValidationError too: before it
     (ValidationError, 400),
     (Unauthorized, 401),
+    (WorkerNotHere, 404),
     (NotFound, 404),
+    (TooManyRequests, 429),
+    (WorkerBusy, 429),
+    (HandlerFailed, 502),
+    (NoCapacity, 503),
+    (HandlerTimeout, 504),
     (AlreadyExists, 409),
     (Conflict, 409),
     (StoreUnavailable, 503),
@@ -86,7 +99,9 @@ def error_body(code: str, message: str, field: str | None = None) -> dict[str, A
 def error_response(exc: BlixardError) -> JSONResponse:
     """The JSON answer for a Blixard error."""
     field = exc.field if isinstance(exc, ValidationError) else None
-    headers = {"WWW-Authenticate": "Bearer"} if isinstance(exc, Unauthorized) else None
+    headers = {"X-Blixard-Error": exc.code}
+    if isinstance(exc, Unauthorized):
+        headers["WWW-Authenticate"] = "Bearer"
     return JSONResponse(
         error_body(exc.code, str(exc), field), status_code=status_for(exc), headers=headers
     )

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 import sys
+from collections.abc import Callable
 
 import typer
 from rich.markup import escape
@@ -29,7 +30,10 @@ from blixard.cli.console import (
     out,
     print_error,
 )
+from blixard.cli.function import function_app
+from blixard.cli.importer import import_command
 from blixard.cli.node import node_app
+from blixard.cli.service import service_app
 from blixard.cli.vm import vm_app
 from blixard.domain.errors import BlixardError
 
@@ -56,6 +60,9 @@ app = typer.Typer(
 app.add_typer(node_app, name="node")
 app.add_typer(vm_app, name="vm")
 app.add_typer(cluster_app, name="cluster")
+app.add_typer(service_app, name="service")
+app.command("import")(import_command)
+app.add_typer(function_app, name="function")
 
 
 @app.command()
@@ -71,8 +78,13 @@ def main() -> None:
     adds the commands that run the daemon itself (the CLI layer may not
     import the daemon; the daemon, as composition root, may import the CLI).
     """
+    run_guarded(app)
+
+
+def run_guarded(run: Callable[[], object]) -> None:
+    """Run a typer app: a Blixard error is one line and its exit code, never a traceback."""
     try:
-        app()
+        run()
     except BlixardError as exc:  # anything a command did not catch itself
         print_error(exc)
         sys.exit(exit_code(exc))

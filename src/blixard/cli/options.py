@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from contextlib import contextmanager
 from enum import StrEnum
-from typing import Annotated
+from typing import Annotated, TypeVar
 
 import typer
 
@@ -73,11 +73,14 @@ def failures() -> Iterator[None]:
         raise fail(exc) from None
 
 
+C = TypeVar("C", bound=BlixardClient)
+
+
 @contextmanager
-def session(api: str | None, token: str | None) -> Iterator[BlixardClient]:
-    """A client for the resolved API and token; a refused token names where it came from."""
+def client_session(api: str | None, token: str | None, kind: type[C]) -> Iterator[C]:
+    """A client of ``kind`` for the resolved API and token; a refused token names its source."""
     settings = resolve(api, token)
-    client = BlixardClient(settings.api_url, settings.token)
+    client = kind(settings.api_url, settings.token)
     try:
         yield client
     except Unauthorized as exc:
@@ -86,3 +89,10 @@ def session(api: str | None, token: str | None) -> Iterator[BlixardClient]:
         ) from None
     finally:
         client.close()
+
+
+@contextmanager
+def session(api: str | None, token: str | None) -> Iterator[BlixardClient]:
+    """A client for the resolved API and token (see :func:`client_session`)."""
+    with client_session(api, token, BlixardClient) as client:
+        yield client

@@ -16,8 +16,13 @@ from blixard.domain.errors import (
     AlreadyExists,
     BlixardError,
     Conflict,
+    HandlerFailed,
+    HandlerTimeout,
+    NoCapacity,
     NotFound,
+    PayloadTooLarge,
     StoreUnavailable,
+    TooManyRequests,
     ValidationError,
 )
 from blixard.domain.token import Unauthorized
@@ -47,7 +52,19 @@ class UnexpectedAnswer(BlixardError):
 
 
 _BY_CODE: dict[str, type[BlixardError]] = {
-    cls.code: cls for cls in (NotFound, AlreadyExists, Conflict, StoreUnavailable, Unauthorized)
+    cls.code: cls
+    for cls in (
+        NotFound,
+        AlreadyExists,
+        Conflict,
+        StoreUnavailable,
+        Unauthorized,
+        PayloadTooLarge,
+        TooManyRequests,
+        HandlerFailed,
+        NoCapacity,
+        HandlerTimeout,
+    )
 }
 
 

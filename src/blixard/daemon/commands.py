@@ -18,6 +18,7 @@ from blixard.daemon.image_cmd import image_app
 from blixard.domain.errors import BlixardError, ValidationError
 
 _CLUSTER = "Cluster"
+_SERVICES = "Services"
 
 
 def parse_labels(items: list[str]) -> dict[str, str]:
@@ -45,6 +46,13 @@ def node_start(
         str | None, typer.Option(help="Address the API listens on [default: 127.0.0.1]")
     ] = None,
     api_port: Annotated[int | None, typer.Option(help="API port [default: 7400]")] = None,
+    gateway_port: Annotated[
+        int | None,
+        typer.Option(
+            help="Function gateway port: HTTP triggers and forwarded invocations, on the "
+            "API's host; 0 = no gateway [default: 7480]"
+        ),
+    ] = None,
     store: Annotated[
         str | None, typer.Option(help="State store: sqlite (embedded, default) or etcd")
     ] = None,
@@ -127,6 +135,23 @@ def node_start(
             rich_help_panel=_CLUSTER,
         ),
     ] = None,
+    service_driver: Annotated[
+        str | None,
+        typer.Option(
+            help="What runs services' units: systemd, process (their ExecStart=, no "
+            "systemd needed), none, or auto [default: auto: systemd if it answers]",
+            rich_help_panel=_SERVICES,
+        ),
+    ] = None,
+    unit_dir: Annotated[
+        list[Path] | None,
+        typer.Option(
+            help="Where the process service driver reads unit files (repeatable, first "
+            "match wins) [default: /etc/systemd/system]",
+            show_default=False,
+            rich_help_panel=_SERVICES,
+        ),
+    ] = None,
 ) -> None:
     """Start this node: state store, registration and HTTP API, until SIGTERM/Ctrl-C."""
     import asyncio  # noqa: PLC0415 - keeps `blixard --help` fast
@@ -145,6 +170,7 @@ def node_start(
                 "node_id": node_id,
                 "api_host": api_host,
                 "api_port": api_port,
+                "gateway_port": gateway_port,
                 "store": store,
                 "etcd_endpoints": endpoints,
                 "cluster_init": cluster_init,
@@ -157,6 +183,8 @@ def node_start(
                 "etcd_members": etcd_members,
                 "zone": zone,
                 "labels": parse_labels(label) if label else None,
+                "service_driver": service_driver,
+                "unit_dirs": [str(d) for d in unit_dir] if unit_dir else None,
             },
             config_path=config,
         )

@@ -10,6 +10,8 @@ The config file is TOML (default ``/etc/blixard/config.toml``, or ``--config``
                 etcd_client_port, etcd_peer_port
     [microvm]   accel ("auto" | "kvm" | "tcg"), vcpu_overcommit, kvm_probe_timeout_s,
                 build_default_image, stop_timeout_s
+    [services]  driver ("auto" | "systemd" | "process" | "none"), unit_dirs
+    [functions] gateway_port (0: no gateway), runtimes
 
 A key Blixard does not know in one of these sections is an error (a typo must
 not be ignored silently); other sections of the brief (``[discovery]``,
@@ -45,6 +47,9 @@ from blixard.domain.vm import Accel
 DEFAULT_CONFIG = Path("/etc/blixard/config.toml")
 CONFIG_ENV = "BLIXARD_CONFIG"
 DEFAULT_API_PORT = 7400
+DEFAULT_GATEWAY_PORT = 7480
+FunctionRuntimeName = Literal["nix", "command", "microvm"]
+FUNCTION_RUNTIMES: tuple[FunctionRuntimeName, ...] = ("nix", "command", "microvm")
 DEFAULT_ETCD_CLIENT_PORT = 2379
 DEFAULT_ETCD_PEER_PORT = 2380
 DEFAULT_ETCD_MEMBERS = 3
@@ -88,6 +93,18 @@ class NodeConfig(SpecModel):
     etcd_members: int = Field(default=DEFAULT_ETCD_MEMBERS, ge=1, le=7)
     zone: LabelValue | None = None
     labels: Labels = Field(default_factory=dict)
+    #: The function gateway's port (HTTP triggers, node-to-node forwarding), on api_host;
+    #: 0 runs no gateway (the node then takes no function workers).
+    gateway_port: int = Field(default=DEFAULT_GATEWAY_PORT, ge=0, le=65535)
+    #: Function runtimes this node offers (docs/functions.md).
+    function_runtimes: list[FunctionRuntimeName] = Field(
+        default_factory=lambda: list(FUNCTION_RUNTIMES)
+    )
+    #: What runs Services' units here (docs/services.md): systemd over D-Bus, their
+    #: ExecStart= as processes, none, or auto (systemd if it answers on the system bus).
+    service_driver: Literal["auto", "systemd", "process", "none"] = "auto"
+    #: Where the process unit driver looks for unit files, first match wins.
+    unit_dirs: list[Path] = Field(default_factory=lambda: [Path("/etc/systemd/system")])
     #: Unused sections of the config file, reported at start.
     unused_sections: list[str] = Field(default_factory=list)
 
@@ -99,6 +116,14 @@ class NodeConfig(SpecModel):
                 raise ValueError(f"{url!r} must start with http:// or https://")
         return value
 
+    @field_validator("unit_dirs")
+    @classmethod
+    def _unit_dirs(cls, value: list[Path]) -> list[Path]:
+        for path in value:
+            if not path.is_absolute():
+                raise ValueError(f"{str(path)!r} must be an absolute directory path")
+        return value
+
     @property
     def advertise(self) -> str:
         """The address other nodes reach this one at: --advertise-address, else api_host."""
@@ -107,6 +132,12 @@ class NodeConfig(SpecModel):
     @property
     def api_url(self) -> str:
         return f"http://{url_host(self.advertise)}:{self.api_port}"
+
+    @property
+    def gateway_url(self) -> str | None:
+        if not self.gateway_port:
+            return None
+        return f"http://{url_host(self.advertise)}:{self.gateway_port}"
 
     @property
     def etcd_client_url(self) -> str:
@@ -156,6 +187,8 @@ _FILE_KEYS: dict[str, dict[str, str]] = {
         "build_default_image": "build_default_image",
         "stop_timeout_s": "stop_timeout_s",
     },
+    "services": {"driver": "service_driver", "unit_dirs": "unit_dirs"},
+    "functions": {"gateway_port": "gateway_port", "runtimes": "function_runtimes"},
 }
 
 
@@ -201,6 +234,7 @@ _ENV = {
     "data_dir": "BLIXARD_DATA_DIR",
     "api_host": "BLIXARD_API_HOST",
     "api_port": "BLIXARD_API_PORT",
+    "gateway_port": "BLIXARD_GATEWAY_PORT",
     "store": "BLIXARD_STORE",
     "etcd_endpoints": "BLIXARD_ETCD_ENDPOINTS",
     "accel": "BLIXARD_ACCEL",
@@ -280,6 +314,10 @@ def check_cluster_settings(config: NodeConfig, *, store_given: bool) -> NodeConf
             f"{first} and {second} cannot be combined: --cluster-init starts a new cluster, "
             "--join joins one through a node's API, --etcd-endpoints uses an external etcd",
         )
+    if config.gateway_port and config.gateway_port == config.api_port:
+        raise ValidationError(
+            "gateway_port", f"{config.gateway_port} is also the api_port; each needs its own port"
+        )
     if not (config.cluster_init or config.join):
         return config
     flag = "--cluster-init" if config.cluster_init else "--join"
@@ -308,6 +346,7 @@ def check_cluster_settings(config: NodeConfig, *, store_given: bool) -> NodeConf
         )
     ports = {
         "api_port": config.api_port,
+        "gateway_port": config.gateway_port,
         "etcd_client_port": config.etcd_client_port,
         "etcd_peer_port": config.etcd_peer_port,
     }

@@ -28,17 +28,27 @@ from blixard.agent.registration import NodeRegistration
 from blixard.api.app import create_app
 from blixard.api.auth import TokenAuthority
 from blixard.client.config import api_url_file, token_file
+from blixard.controllers.functions import FunctionAutoscaler
 from blixard.controllers.plan import Policy
+from blixard.controllers.services import ServiceController
 from blixard.controllers.vms import VmController
 from blixard.daemon.cluster import NodeCluster, open_cluster
 from blixard.daemon.config import NodeConfig
+from blixard.daemon.functions import FunctionsPart, build_runtimes, start_functions
+from blixard.daemon.service_driver import choose_service_driver
 from blixard.domain.errors import BlixardError, StoreError
 from blixard.domain.node import KvmState
 from blixard.domain.vm import Accel, Hypervisor
 from blixard.drivers.process import ProcessDriver
 from blixard.drivers.protocol import Driver
 from blixard.drivers.qemu import AccelProbe, QemuDriver
-from blixard.images import DEFAULT_IMAGE, build_image, default_images_dir, list_images
+from blixard.images import (
+    DEFAULT_IMAGE,
+    FUNCTION_IMAGE,
+    build_image,
+    default_images_dir,
+    list_images,
+)
 from blixard.scheduler.placement import default_limit
 from blixard.store.election import Election
 from blixard.store.objects import ObjectStore
@@ -76,13 +86,26 @@ async def prepare_images(config: NodeConfig, images_dir: Path) -> None:
     A host without the guest kernel or busybox still runs the node (and the
     process driver): the failure is logged, and `blixard image build` says why.
     """
-    if not config.build_default_image or (images_dir / DEFAULT_IMAGE / "image.json").is_file():
+    if not config.build_default_image:
         return
-    try:
-        image = await asyncio.to_thread(build_image, DEFAULT_IMAGE, images_dir)
-        log.info("built the default guest image", image=image.name, path=str(images_dir))
-    except BlixardError as exc:
-        log.warning("no default guest image; qemu VMs need `blixard image build`", error=str(exc))
+    if not (images_dir / DEFAULT_IMAGE / "image.json").is_file():
+        try:
+            image = await asyncio.to_thread(build_image, DEFAULT_IMAGE, images_dir)
+            log.info("built the default guest image", image=image.name, path=str(images_dir))
+        except BlixardError as exc:
+            log.warning(
+                "no default guest image; qemu VMs need `blixard image build`", error=str(exc)
+            )
+    if (
+        "microvm" in config.function_runtimes
+        and not (images_dir / FUNCTION_IMAGE / "image.json").is_file()
+    ):
+        # The microvm runtime's guest: the default image plus the function agent.
+        try:
+            await asyncio.to_thread(build_image, FUNCTION_IMAGE, images_dir, function_agent=True)
+            log.info("built the function guest image", path=str(images_dir))
+        except BlixardError as exc:
+            log.warning("no function guest image; microvm functions are refused", error=str(exc))
 
 
 async def run_controllers(store: StateStore, node_id: str, ttl_s: int) -> None:
@@ -96,16 +119,27 @@ async def run_controllers(store: StateStore, node_id: str, ttl_s: int) -> None:
             grace = max(1.5, 0.3 * ttl_s)
             policy = Policy(failover_grace_s=grace, placement_limit=default_limit)
             controller = asyncio.create_task(VmController(store, policy=policy).run())
+            services = asyncio.create_task(ServiceController(store).run())
+            autoscaler = asyncio.create_task(FunctionAutoscaler(store).run())
             lost = asyncio.create_task(election.lost.wait())
             try:
-                await asyncio.wait({controller, lost}, return_when=asyncio.FIRST_COMPLETED)
+                await asyncio.wait(
+                    {controller, services, autoscaler, lost},
+                    return_when=asyncio.FIRST_COMPLETED,
+                )
             finally:
                 controller.cancel()
+                services.cancel()
+                autoscaler.cancel()
                 lost.cancel()
-                # Wait for the controller to end without swallowing our own cancellation.
-                await asyncio.wait({controller, lost})
+                # Wait for the controllers to end without swallowing our own cancellation.
+                await asyncio.wait({controller, services, autoscaler, lost})
             if not controller.cancelled() and controller.exception() is not None:
                 log.error("vm controller failed", error=repr(controller.exception()))
+            if not services.cancelled() and services.exception() is not None:
+                log.error("service controller failed", error=repr(services.exception()))
+            if not autoscaler.cancelled() and autoscaler.exception() is not None:
+                log.error("function autoscaler failed", error=repr(autoscaler.exception()))
             log.warning("lost the controllers' leadership", node=node_id)
             await asyncio.sleep(0.5)  # never a tight campaign loop
         except BlixardError as exc:  # StoreError, LeaseNotFound, ...
@@ -124,6 +158,13 @@ async def run_node(
     ``on_ready(api_url, store_description)`` is called once the API serves.
     """
     sock = bind_api_socket(config.api_host, config.api_port)
+    gateway_sock: socket.socket | None = None
+    if config.gateway_port:
+        try:
+            gateway_sock = bind_api_socket(config.api_host, config.gateway_port)
+        except StartupError as exc:
+            sock.close()
+            raise StartupError(str(exc).replace("api_port", "gateway_port", 1)) from None
     try:
         config.data_dir.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
@@ -145,9 +186,13 @@ async def run_node(
         Hypervisor.QEMU: QemuDriver(images_dir, accel_probe=probe),
         Hypervisor.PROCESS: ProcessDriver(),
     }
+    service_driver = await choose_service_driver(config)
+    if service_driver is not None:  # the node offers the systemd hypervisor only with one
+        drivers[Hypervisor.SYSTEMD] = service_driver
     background: list[asyncio.Task[Any]] = []
     agent: Agent | None = None
     registration: NodeRegistration | None = None
+    functions: FunctionsPart | None = None
     try:
         await prepare_images(config, images_dir)
         hypervisors, kvm, kvm_detail = await fingerprint(drivers)
@@ -156,6 +201,7 @@ async def run_node(
             config.node_id,
             config.data_dir,
             api_url=config.api_url,
+            gateway_url=config.gateway_url,
             ttl_s=config.lease_ttl_s,
             version=__version__,
             hypervisors=hypervisors,
@@ -199,6 +245,12 @@ async def run_node(
         def known_images() -> list[str]:
             return [image.name for image in list_images(images_dir)]
 
+        runtimes = build_runtimes(config.function_runtimes, config.data_dir, images_dir)
+        if gateway_sock is not None:
+            functions = await start_functions(
+                store, config.node_id, runtimes, config.data_dir / "functions" / "workers",
+                gateway_sock,
+            )  # fmt: skip
         app = create_app(
             store,
             node_id=config.node_id,
@@ -209,6 +261,8 @@ async def run_node(
             image_exists=image_exists,
             known_images=known_images,
             cluster=cluster,
+            gateway=functions.gateway if functions is not None else None,
+            runtimes=runtimes,
         )
         server = uvicorn.Server(
             uvicorn.Config(app, log_level="warning", access_log=False, lifespan="off")
@@ -237,6 +291,8 @@ async def run_node(
         for task in background:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
+        if functions is not None:
+            await functions.close()
         if agent is not None:
             await agent.close()
         if registration is not None:
@@ -247,6 +303,8 @@ async def run_node(
         await store.close()
         await cluster.close()
         sock.close()
+        if gateway_sock is not None:
+            gateway_sock.close()
 
 
 async def fingerprint(

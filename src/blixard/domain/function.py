@@ -10,15 +10,17 @@ from __future__ import annotations
 
 import re
 from enum import StrEnum
-from typing import Annotated, Any, Literal, get_args
+from typing import Annotated, Any, ClassVar, Literal, get_args
+from uuid import UUID
 
-from pydantic import BeforeValidator, Field, field_validator, model_validator
+from pydantic import AwareDatetime, BeforeValidator, Field, field_validator, model_validator
 
 from blixard.domain.errors import ValidationError
 from blixard.domain.fields import (
     DURATION_SCHEMA,
     MAX_VCPUS,
     MemoryMiB,
+    Name,
     bridge,
     duration_s,
     refuse,
@@ -138,6 +140,8 @@ class FunctionSpec(SpecModel):
     vcpus: int = Field(default=1, ge=1, le=MAX_VCPUS, strict=True)
     timeout_s: TimeoutS = 30.0
     max_concurrency: int = Field(default=100, ge=1, le=1_000_000, strict=True)
+    #: Invocations one gateway holds waiting for a free execution slot; past it: 429.
+    queue_limit: int = Field(default=100, ge=0, le=100_000, strict=True)
     min_instances: int = Field(default=0, ge=0, le=MAX_INSTANCES, strict=True)
     max_instances: int = Field(default=10, ge=1, le=MAX_INSTANCES, strict=True)
     target_concurrency: int = Field(default=1, ge=1, le=10_000, strict=True)
@@ -164,6 +168,29 @@ class FunctionSpec(SpecModel):
             raise refuse(f"route {dup[1]} {dup[0]} is given twice", subfield="triggers")
         return self
 
+    #: Fields that change how a worker runs: a change to any of them needs new workers.
+    #: Triggers, scaling bounds, delays and queue/cluster limits are read by gateways and
+    #: the autoscaler as they are, so changing them keeps the warm workers.
+    WORKER_FIELDS: ClassVar[tuple[str, ...]] = (
+        "runtime", "handler", "args", "env", "memory_mib", "vcpus", "timeout_s",
+        "target_concurrency", "placement",
+    )  # fmt: skip
+
+    def needs_new_workers(self, other: FunctionSpec) -> bool:
+        """True when ``other`` differs in a field that shapes the workers."""
+        return any(getattr(self, f) != getattr(other, f) for f in self.WORKER_FIELDS)
+
+    @property
+    def per_worker(self) -> int:
+        """Invocations one worker runs at once: a microVM's guest agent runs one."""
+        return 1 if self.runtime is Runtime.MICROVM else self.target_concurrency
+
+    @property
+    def worker_cap(self) -> int:
+        """Most workers at once: ``max_instances``, and never more execution slots in the
+        cluster than ``max_concurrency`` (rounded down to whole workers, at least one)."""
+        return max(1, min(self.max_instances, self.max_concurrency // self.per_worker))
+
 
 class FunctionPhase(StrEnum):
     """Whether the function can take invocations."""
@@ -180,6 +207,10 @@ class FunctionStatus(StatusModel):
     message: str = ""
     workers: int = 0
     warm_workers: int = 0
+    #: Workers executing at least one invocation when last reported.
+    busy_workers: int = 0
+    #: Node of every ready worker, e.g. ``{"n1": 2, "n3": 1}``.
+    nodes: dict[str, int] = Field(default_factory=dict)
     observed_generation: int = 0
 
 
@@ -191,3 +222,57 @@ class Function(StoredObject):
     kind: Literal["Function"] = "Function"
     spec: FunctionSpec
     status: FunctionStatus = Field(default_factory=FunctionStatus)
+
+
+class WorkerState(StrEnum):
+    """Where a worker is in its life (written by the host node)."""
+
+    STARTING = "starting"
+    READY = "ready"
+    FAILED = "failed"
+
+
+class FunctionWorkerSpec(SpecModel):
+    """One worker slot of a function, bound to a node: written by gateways and the autoscaler.
+
+    ``index`` is the worker's number (its name is ``<function>-w<index>``, below
+    ``max_instances``): creating a worker is "create if absent" on that name,
+    so gateways and the autoscaler racing to add workers can never together
+    exceed ``max_instances``.
+    """
+
+    function: Name
+    function_uid: UUID | None = None
+    #: The function's generation the worker runs (a spec change replaces workers).
+    generation: int = Field(default=0, ge=0, strict=True)
+    index: int = Field(ge=0, lt=MAX_INSTANCES, strict=True)
+    node: Name
+    #: Who asked for it: ``gateway`` (an invocation found no free worker) or ``autoscaler``.
+    reason: str = ""
+
+
+class FunctionWorkerStatus(StatusModel):
+    """Reported by the worker's node, at most about once a second while it changes."""
+
+    state: WorkerState = WorkerState.STARTING
+    message: str = ""
+    in_flight: int = 0
+    invocations: int = 0
+    last_used_at: AwareDatetime | None = None
+    ready_at: AwareDatetime | None = None
+    cold_start_ms: float | None = None
+
+
+class FunctionWorker(StoredObject):
+    """Stored under ``/blixard/v1/function-workers/<function>-w<index>``."""
+
+    STORE_KIND = Kind.FUNCTION_WORKERS
+
+    kind: Literal["FunctionWorker"] = "FunctionWorker"
+    spec: FunctionWorkerSpec
+    status: FunctionWorkerStatus = Field(default_factory=FunctionWorkerStatus)
+
+
+def worker_name(function: str, index: int) -> str:
+    """``<function>-w<index>``: one name per slot, see :class:`FunctionWorkerSpec`."""
+    return f"{function}-w{index}"

@@ -113,6 +113,9 @@ class NodeSpec(SpecModel):
     draining: bool = False
     addresses: list[Address] = Field(default_factory=list, max_length=16)
     api_url: ApiUrl | None = None
+    #: Where this node's function gateway serves HTTP triggers (and other gateways
+    #: forward invocations to its workers); None while the node runs no gateway.
+    gateway_url: ApiUrl | None = None
 
     @field_validator("roles")
     @classmethod

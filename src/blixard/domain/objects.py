@@ -9,7 +9,7 @@ from __future__ import annotations
 from typing import Any
 
 from blixard.domain.errors import ValidationError
-from blixard.domain.function import Function
+from blixard.domain.function import Function, FunctionWorker
 from blixard.domain.instance import Instance
 from blixard.domain.keys import Kind
 from blixard.domain.meta import StoredObject
@@ -25,6 +25,7 @@ MODELS_BY_DOCUMENT_KIND: dict[str, type[StoredObject]] = {
     "VM": VM,
     "Instance": Instance,
     "Function": Function,
+    "FunctionWorker": FunctionWorker,
     "Service": Service,
     "Volume": Volume,
 }
