@@ -338,3 +338,13 @@ def test_metrics_count_cold_and_warm_starts(node: FnNode) -> None:
     assert "blixard_function_queue_seconds_bucket" in text
     logs = node.call("GET", "/v1/functions/counted/logs").text
     assert "no_type" in logs or "type" in logs  # nix's evaluation error names the attribute
+
+
+def test_a_function_created_again_never_meets_the_old_workers(node: FnNode) -> None:
+    v1 = '{ event, context }: { statusCode = 200; body = "one"; }'
+    v2 = '{ event, context }: { statusCode = 200; body = "two"; }'
+    node.create("again", runtime="nix", handler=v1, min_instances=1)
+    assert node.invoke("again", {}).text == "one"
+    assert node.call("DELETE", "/v1/functions/again").status_code == 204
+    node.create("again", runtime="nix", handler=v2)
+    assert node.invoke("again", {}).text == "two"  # at once, not after the autoscaler's pass

@@ -121,6 +121,7 @@ def test_bad_function_spec(spec: dict[str, Any], field: str, reason_part: str) -
         ({"path": "/a", "methods": ["get", "GET"]}, "spec.triggers[0].methods", "more than once"),
         ({"type": "queue", "path": "/a"}, "spec.triggers[0].type", "'http'"),
         ({"methods": ["GET"]}, "spec.triggers[0].path", "is required"),
+        ({"path": "/_blixard/v1/x"}, "spec.triggers[0].path", "the gateway's own"),
     ],
 )
 def test_bad_triggers(trigger: dict[str, Any], field: str, reason_part: str) -> None:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+from blixard.domain.errors import HandlerFailed
 from blixard.functions.metrics import FunctionMetrics, summarise
+from blixard.functions.runtime import parse_response
 
 
 def test_raw_numbers_of_one_function_and_the_exposition() -> None:
@@ -50,3 +52,21 @@ def test_forgetting_a_function_starts_it_again_at_zero() -> None:
     m.forget("f")
     m.forget("never-seen")
     assert summarise("f", [("n1", m.raw("f"))])["invocations"] == 0
+
+
+def test_handler_headers_must_be_valid_http() -> None:
+    ok = parse_response(b'{"statusCode": 201, "headers": {"X-Ok": "yes"}, "body": "b"}')
+    assert ok.status_code == 201 and ok.headers == {"X-Ok": "yes"}
+    assert parse_response(b"[1, 2]").body == [1, 2]  # any JSON value: a 200 body
+    for bad in (
+        b'{"statusCode": 200, "headers": {"X-Split": "a\\r\\nSet-Cookie: x"}}',
+        b'{"statusCode": 200, "headers": {"Bad Name": "v"}}',
+        b'{"statusCode": 700}',
+        b'{"statusCode": true}',
+        b"not json",
+    ):
+        try:
+            parse_response(bad)
+        except HandlerFailed:
+            continue
+        raise AssertionError(f"accepted {bad!r}")

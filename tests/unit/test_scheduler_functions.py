@@ -63,6 +63,16 @@ def test_a_dead_node_and_a_missing_hypervisor_are_not_chosen() -> None:
     assert place(worker_views(nodes, {"a"}, [], {}), worker_request(micro)).node is None
 
 
+def test_only_nodes_with_a_gateway_and_the_runtime_take_workers() -> None:
+    gateway = node("gw", 4096)
+    gateway.spec.gateway_url = "http://127.0.0.1:7480"
+    gateway.spec.function_runtimes = ["command"]
+    bare = node("bare", 8192)  # no gateway: a worker there would never start
+    views = worker_views([gateway, bare], {"gw", "bare"}, [], {}, runtime=Runtime.COMMAND)
+    assert [v.name for v in views] == ["gw"]
+    assert worker_views([gateway, bare], {"gw", "bare"}, [], {}, runtime=Runtime.NIX) == []
+
+
 def test_preferred_labels_steer_a_worker() -> None:
     nodes = [node("a", 4096), node("gpu", 4096, gpu="available")]
     wants_gpu = spec(placement={"preferred_labels": {"gpu": "available"}})

@@ -42,6 +42,7 @@ class NodeRegistration:
         *,
         api_url: str | None = None,
         gateway_url: str | None = None,
+        function_runtimes: Sequence[str] = (),
         ttl_s: int = 5,
         clock: Callable[[], float] = time.monotonic,
         version: str = "",
@@ -63,6 +64,7 @@ class NodeRegistration:
         self.data_dir = data_dir
         self.api_url = api_url
         self.gateway_url = gateway_url
+        self.function_runtimes = list(function_runtimes) if gateway_url else []
         self.ttl_s = ttl_s
         self.clock = clock
         self.version = version
@@ -99,6 +101,7 @@ class NodeRegistration:
         configured: dict[str, object] = {
             "api_url": self.api_url,
             "gateway_url": self.gateway_url,
+            "function_runtimes": self.function_runtimes,
         }
         if self.roles is not None:
             configured["roles"] = self.roles

@@ -9,9 +9,10 @@ Invocations go to this node's gateway, which routes them anywhere.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import uuid
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from datetime import UTC, datetime
 from typing import Annotated, Any
 
@@ -28,7 +29,13 @@ from blixard.domain.errors import (
     StoreUnavailable,
     ValidationError,
 )
-from blixard.domain.function import Function, FunctionStatus, HttpTrigger, Runtime
+from blixard.domain.function import (
+    Function,
+    FunctionStatus,
+    FunctionWorker,
+    HttpTrigger,
+    Runtime,
+)
 from blixard.domain.parse import ROOT_FIELD, parse
 from blixard.functions import runtime as rt
 from blixard.functions.gateway import MAX_EVENT_BYTES, Gateway, gather
@@ -88,9 +95,16 @@ async def _read_event(request: Request) -> bytes:
     return raw
 
 
+#: Headers a handler may not set: the server frames the answer itself.
+HOP_BY_HOP = frozenset(
+    {"content-length", "transfer-encoding", "connection", "keep-alive", "upgrade", "te",
+     "trailer", "proxy-connection"}
+)  # fmt: skip
+
+
 def handler_answer(response: rt.Response, extra: Mapping[str, str]) -> Response:
     """The handler's answer as HTTP: its status, headers and body (text as is, else JSON)."""
-    headers = dict(response.headers)
+    headers = {k: v for k, v in response.headers.items() if k.lower() not in HOP_BY_HOP}
     headers.update(extra)
     is_text = isinstance(response.body, str)
     headers.setdefault(
@@ -220,6 +234,12 @@ def functions_router(
                 await objects.delete(fn)
             except Conflict:
                 continue
+            # Its workers go now (the autoscaler would within a second): a function
+            # created again under this name must never meet them.
+            for worker in await stored(objects.list(FunctionWorker)):
+                if worker.spec.function == name:
+                    with contextlib.suppress(Conflict, NotFound):
+                        await objects.delete(worker)
             if gateway is not None:
                 gateway.metrics.forget(name)
             return Response(status_code=204)
@@ -244,28 +264,46 @@ def functions_router(
         result = await gw.invoke(name, event)
         return handler_answer(result.response, result.headers())
 
+    async def change_triggers(name: str, change: Callable[[Function], Function]) -> Function:
+        """Apply ``change`` to the stored function with CAS, from a fresh read on a conflict."""
+        for _ in range(20):
+            fn = await get_function(name)
+            wanted = change(fn)
+            await check(wanted)
+            try:
+                return await store_spec_change(name, wanted, fn.metadata.resource_version)
+            except Conflict:
+                continue
+        raise Conflict(f"function {name!r} kept changing under 20 attempts to change it")
+
     @router.post("/{name}/triggers", response_model=Function, summary="Add an HTTP trigger")
     async def add_trigger(name: str, request: Request) -> Function:
         trigger = parse(HttpTrigger, await read_json_body(request))
-        fn = await get_function(name)
-        kept = [t for t in fn.spec.triggers if t.path != trigger.path]
-        spec = fn.spec.model_copy(update={"triggers": [*kept, trigger]})
-        wanted = parse_function_document(
-            {"metadata": fn.metadata.model_dump(mode="json"), "spec": spec.model_dump(mode="json")}
-        )
-        await check(wanted)
-        return await store_spec_change(name, wanted, 0)
+
+        def add(fn: Function) -> Function:
+            kept = [t for t in fn.spec.triggers if t.path != trigger.path]
+            spec = fn.spec.model_copy(update={"triggers": [*kept, trigger]})
+            return parse_function_document(
+                {
+                    "metadata": fn.metadata.model_dump(mode="json"),
+                    "spec": spec.model_dump(mode="json"),
+                }
+            )
+
+        return await change_triggers(name, add)
 
     @router.delete("/{name}/triggers", response_model=Function, summary="Remove an HTTP trigger")
     async def remove_trigger(
         name: str, path: Annotated[str, Query(description="The trigger's path")]
     ) -> Function:
-        fn = await get_function(name)
-        kept = [t for t in fn.spec.triggers if t.path != path]
-        if len(kept) == len(fn.spec.triggers):
-            raise NotFound(f"function {name!r} has no trigger on {path!r}")
-        wanted = fn.model_copy(update={"spec": fn.spec.model_copy(update={"triggers": kept})})
-        return await store_spec_change(name, wanted, 0)
+
+        def remove(fn: Function) -> Function:
+            kept = [t for t in fn.spec.triggers if t.path != path]
+            if len(kept) == len(fn.spec.triggers):
+                raise NotFound(f"function {name!r} has no trigger on {path!r}")
+            return fn.model_copy(update={"spec": fn.spec.model_copy(update={"triggers": kept})})
+
+        return await change_triggers(name, remove)
 
     @router.get("/{name}/metrics", summary="Invocation figures summed over every live node")
     async def function_metrics(name: str) -> dict[str, Any]:

@@ -28,9 +28,10 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from blixard.api.errors import error_body, status_for
+from blixard.api.functions import handler_answer
 from blixard.domain.errors import BlixardError, NotFound, PayloadTooLarge
 from blixard.functions import runtime as rt
-from blixard.functions.gateway import MAX_EVENT_BYTES, SECRET_HEADER, Gateway
+from blixard.functions.gateway import FORWARDED_HEADER, MAX_EVENT_BYTES, SECRET_HEADER, Gateway
 
 _HIDDEN_HEADERS = frozenset({"authorization", "cookie", SECRET_HEADER.lower()})
 
@@ -87,15 +88,27 @@ def gateway_app(gateway: Gateway) -> Starlette:
         try:
             context: dict[str, Any] = json.loads(request.headers.get("X-Blixard-Context", "{}"))
             timeout_s = float(request.headers.get("X-Blixard-Timeout", "30"))
-            event = await _body(request)
-            response = await gateway.serve_forwarded(
-                request.path_params["worker"], event, context, timeout_s
-            )
-        except BlixardError as exc:
-            return error_answer(exc)
         except ValueError:
             return error_answer(rt.HandlerFailed("a malformed forwarded call"))
+        try:
+            # A slot first: a busy worker says so before the event is read.
+            local = gateway.acquire_forwarded(request.path_params["worker"])
+        except BlixardError as exc:
+            return error_answer(exc)
+        try:
+            event = await _body(request)
+        except BlixardError as exc:
+            gateway.host.release(local)
+            return error_answer(exc)
+        except BaseException:
+            gateway.host.release(local)
+            raise
+        try:
+            response = await gateway.serve_forwarded(local, event, context, timeout_s)
+        except BlixardError as exc:
+            return error_answer(exc)
         headers = {
+            FORWARDED_HEADER: "1",
             "X-Blixard-Handler-Headers": json.dumps(response.headers),
             "X-Blixard-Body": "text" if isinstance(response.body, str) else "json",
         }
@@ -136,14 +149,7 @@ def gateway_app(gateway: Gateway) -> Starlette:
             result = await gateway.invoke(fn.metadata.name, event, http)
         except BlixardError as exc:
             return error_answer(exc)
-        response = result.response
-        headers = dict(response.headers)
-        headers.update(result.headers())
-        is_text = isinstance(response.body, str)
-        headers.setdefault(
-            "content-type", "text/plain; charset=utf-8" if is_text else "application/json"
-        )
-        return Response(response.body_bytes(), status_code=response.status_code, headers=headers)
+        return handler_answer(result.response, result.headers())
 
     methods = ["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"]
     return Starlette(

@@ -3,12 +3,14 @@
 Every ``interval_s`` it reads functions, workers, nodes and liveness, and per function:
 
 * removes workers that cannot serve: of a deleted function or an older
-  generation (a spec change replaces workers), on a node that is gone, or
-  whose start failed (a later invocation tries a fresh one);
-* scales up toward the target concurrency: when the reported in-flight
-  invocations need more workers (``ceil(in_flight / per_worker)``) it adds one
-  per pass, up to the cap (bursts between passes are met by the gateways'
-  cold starts);
+  generation (a spec change replaces workers), past a lowered cap, on a node
+  that is gone or runs no gateway with the runtime, whose start failed, or
+  that never became ready (a later invocation tries a fresh one);
+* scales up toward the target concurrency: one more worker per pass while the
+  reported in-flight invocations need more (``ceil(in_flight / per_worker)``),
+  or while every slot has been busy for two passes in a row (the excess then
+  waits at the gateways), up to the cap; bursts between passes are met by the
+  gateways' cold starts;
 * keeps ``min_instances`` workers (placed by the scheduler, like cold starts);
 * scales down: a ready worker idle (nothing in flight) for longer than
   ``scale_down_delay_s`` since its last use is removed, most idle first, never
@@ -45,12 +47,18 @@ from blixard.domain.function import (
 from blixard.domain.keys import NODE_LEASES_PREFIX
 from blixard.domain.meta import ObjectMeta
 from blixard.domain.node import Node
-from blixard.scheduler.functions import worker_request, worker_views
+from blixard.scheduler.functions import can_host, worker_request, worker_views
 from blixard.scheduler.placement import default_limit, place
 from blixard.store.objects import ObjectStore
 from blixard.store.protocol import StateStore
 
 log = structlog.get_logger(__name__)
+
+#: Passes in a row with every slot busy before one more worker is added.
+SATURATED_PASSES = 2
+#: A worker still starting this long past its function's timeout is given up
+#: (the gateways' start allowance is 30 s; a little more before judging).
+START_LIMIT_S = 45.0
 
 
 class FunctionAutoscaler:
@@ -69,6 +77,8 @@ class FunctionAutoscaler:
         self.interval_s = interval_s
         self.now = now
         self.clock = clock
+        #: Consecutive passes in which every slot of a function was busy.
+        self._saturated: dict[str, int] = {}
 
     async def run(self) -> None:
         while True:
@@ -113,10 +123,24 @@ class FunctionAutoscaler:
             return "its function was deleted"
         if worker.spec.generation != fn.metadata.generation:
             return f"generation {worker.spec.generation} replaced by {fn.metadata.generation}"
-        if worker.spec.node not in nodes or worker.spec.node not in alive:
+        node = nodes.get(worker.spec.node)
+        if node is None or worker.spec.node not in alive:
             return f"node {worker.spec.node} is down"
+        if not can_host(node, fn.spec.runtime):
+            return (
+                f"node {worker.spec.node} runs no gateway with the {fn.spec.runtime.value} runtime"
+            )
+        if worker.spec.index >= fn.spec.worker_cap:
+            return f"past the cap of {fn.spec.worker_cap} workers"
         if worker.status.state is WorkerState.FAILED:
             return f"its start failed: {worker.status.message}"
+        created = worker.metadata.created_at
+        if (
+            worker.status.state is WorkerState.STARTING
+            and created is not None
+            and (self.now() - created).total_seconds() > fn.spec.timeout_s + START_LIMIT_S
+        ):
+            return "it did not become ready in time"
         return None
 
     async def _scale(
@@ -133,6 +157,15 @@ class FunctionAutoscaler:
         in_flight = sum(w.status.in_flight for w in mine)
         ready = [w for w in mine if w.status.state is WorkerState.READY]
         wanted = math.ceil(in_flight / spec.per_worker)
+        # Every slot busy pass after pass: load waits at the gateways, so one more
+        # worker (sustained saturation, not one long call, adds capacity ahead of it).
+        name = fn.metadata.name
+        if ready and len(ready) == len(mine) and in_flight >= len(ready) * spec.per_worker:
+            self._saturated[name] = self._saturated.get(name, 0) + 1
+        else:
+            self._saturated.pop(name, None)
+        if self._saturated.get(name, 0) >= SATURATED_PASSES:
+            wanted = max(wanted, len(mine) + 1)
         wanted = min(spec.worker_cap, max(spec.min_instances, wanted))
         if len(mine) < wanted:
             created = await self._add(fn, mine, everyone, functions, nodes, alive)
@@ -171,7 +204,11 @@ class FunctionAutoscaler:
         if index is None:
             return None
         views = worker_views(
-            nodes.values(), alive, everyone, {n: f.spec for n, f in functions.items()}
+            nodes.values(),
+            alive,
+            everyone,
+            {n: f.spec for n, f in functions.items()},
+            runtime=fn.spec.runtime,
         )
         request = worker_request(fn.spec)
         decision = place(views, request, limit=default_limit(len(views), request))

@@ -70,6 +70,7 @@ class FunctionsPart:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 async with asyncio.timeout(10):
                     await self.serving
+            self.serving.cancel()  # still serving after 10 s: cut it off
         await self.gateway.close()
         await self.host.close()
         for runtime in self.runtimes.values():
@@ -92,12 +93,21 @@ async def start_functions(
     secret = await cluster_secret(store)
     gateway = Gateway(store, node_id, host, metrics, secret=secret)
     part = FunctionsPart(runtimes, metrics, host, gateway)
-    await host.start()
-    await gateway.start()
+    try:
+        await _serve(part, sock)
+    except BaseException:
+        await part.close()  # nothing half-started is left running
+        raise
+    return part
+
+
+async def _serve(part: FunctionsPart, sock: socket.socket | None) -> None:
+    await part.host.start()
+    await part.gateway.start()
     if sock is not None:
         part.server = uvicorn.Server(
             uvicorn.Config(
-                gateway_app(gateway), log_level="warning", access_log=False, lifespan="off"
+                gateway_app(part.gateway), log_level="warning", access_log=False, lifespan="off"
             )
         )
         part.serving = asyncio.create_task(part.server.serve(sockets=[sock]))
@@ -105,4 +115,3 @@ async def start_functions(
             await asyncio.sleep(0.01)
         if part.serving.done():
             part.serving.result()
-    return part

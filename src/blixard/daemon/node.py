@@ -202,6 +202,7 @@ async def run_node(
             config.data_dir,
             api_url=config.api_url,
             gateway_url=config.gateway_url,
+            function_runtimes=config.function_runtimes,
             ttl_s=config.lease_ttl_s,
             version=__version__,
             hypervisors=hypervisors,

@@ -50,6 +50,8 @@ def validate_trigger_path(value: Any, field: str) -> str:
     """An HTTP route: '/', or '/'-separated URL-safe segments; no '.', '..' or '//'."""
     if not isinstance(value, str) or not value.startswith("/") or len(value) > 256:
         raise ValidationError(field, f"must be a path starting with '/', got {value!r}")
+    if value == "/_blixard" or value.startswith("/_blixard/"):
+        raise ValidationError(field, "paths under /_blixard are the gateway's own")
     segments = value.strip("/").split("/") if value != "/" else []
     for segment in segments:
         if segment in {".", ".."} or _PATH_SEGMENT.fullmatch(segment) is None:

@@ -116,6 +116,9 @@ class NodeSpec(SpecModel):
     #: Where this node's function gateway serves HTTP triggers (and other gateways
     #: forward invocations to its workers); None while the node runs no gateway.
     gateway_url: ApiUrl | None = None
+    #: Function runtimes this node's gateway runs workers of (``nix``, ``command``,
+    #: ``microvm``); a worker is placed only on a node with a gateway and its runtime.
+    function_runtimes: list[str] = Field(default_factory=list, max_length=16)
 
     @field_validator("roles")
     @classmethod

@@ -67,6 +67,11 @@ SECRET_HEADER = "X-Blixard-Gateway-Secret"
 #: Added to a function's timeout for how long an invocation may wait for a free slot:
 #: room for a worker to start (a microVM booting without a template takes seconds).
 START_ALLOWANCE_S = 30.0
+#: How long a remote worker that answered "busy" is not asked again.
+REMOTE_BUSY_S = 0.1
+#: Marks an answer of a forwarded call as the remote gateway's (not a proxy's, not an error
+#: page): anything without it is not a handler's answer.
+FORWARDED_HEADER = "X-Blixard-Forwarded"
 #: How long a waiting invocation sleeps between looks when nothing wakes it (remote slots
 #: free without telling this node).
 POLL_S = 0.02
@@ -138,6 +143,8 @@ class Gateway:
         self.view = FunctionView(store, self.changed)
         self.forward_timeout_s = forward_timeout_s
         self._queues: dict[str, _Queue] = {}
+        #: Remote workers that answered "busy", and until when they are not asked again.
+        self._busy_until: dict[str, float] = {}
         self._http: httpx.AsyncClient | None = None
 
     async def start(self) -> None:
@@ -198,7 +205,7 @@ class Gateway:
                 await self._maybe_start_worker(fn, queue)
                 if self.clock() >= deadline:
                     self.metrics.invocations.labels(name, "rejected").inc()
-                    raise TooManyRequests(
+                    raise NoCapacity(
                         f"no worker of {name!r} was free within its timeout plus "
                         f"{START_ALLOWANCE_S:g}s to start one ({fn.spec.timeout_s:g}s)"
                     )
@@ -217,22 +224,37 @@ class Gateway:
     ) -> Result | None:
         """Run on a free worker if there is one (this node's first); None if none is free."""
         name = fn.metadata.name
-        for local in self.host.free_local(name, fn.metadata.generation):
+        cap = fn.spec.worker_cap
+        for local in self.host.free_local(name, fn.metadata.generation, fn.metadata.uid):
+            record = self.view.workers.get(local.name)
+            if record is not None and record.spec.index >= cap:
+                continue  # past a lowered cap: it drains and goes
             try:
                 self.host.try_acquire(local.name)
             except (WorkerBusy, WorkerNotHere):
                 continue
             self._count_start(local.ready_at, arrived, name, arrived_mono)
             began = self.clock()
-            response = await self.host.run(local, event, context, fn.spec.timeout_s)
+            try:
+                response = await self.host.run(local, event, context, fn.spec.timeout_s)
+            except rt.WorkerGone:
+                continue  # it died before running anything: another worker, or a new one
             return self._result(response, context, local.ready_at, arrived, local.name, began)
+        now = self.clock()
         for worker in self.view.ready_remote(fn, self.node_id):
+            if worker.spec.index >= cap or self._busy_until.get(worker.metadata.name, 0) > now:
+                continue
             url = self.view.gateway_url(worker.spec.node)
             assert url is not None
             began = self.clock()
             try:
                 response = await self._forward(url, worker, event, context, fn.spec.timeout_s)
-            except (WorkerBusy, WorkerNotHere):
+            except WorkerBusy:
+                # Its node does not tell us when a slot frees: leave it alone a moment
+                # rather than send the whole event again every poll.
+                self._busy_until[worker.metadata.name] = self.clock() + REMOTE_BUSY_S
+                continue
+            except WorkerNotHere:
                 continue
             except (rt.HandlerFailed, rt.HandlerTimeout):
                 self._count_start(worker.status.ready_at, arrived, name, arrived_mono)
@@ -275,8 +297,7 @@ class Gateway:
         current = [
             w
             for w in self.view.workers_of(fn.metadata.name)
-            if w.spec.generation == fn.metadata.generation
-            and w.status.state is not WorkerState.FAILED
+            if _of_this(w, fn) and w.status.state is not WorkerState.FAILED
         ]
         starting = 0
         for w in current:
@@ -301,7 +322,7 @@ class Gateway:
         """Start one more worker if the ones starting cannot take the queue, within the cap."""
         name, generation = fn.metadata.name, fn.metadata.generation
         workers = self.view.workers_of(name)
-        current = [w for w in workers if w.spec.generation == generation]
+        current = [w for w in workers if _of_this(w, fn)]
 
         def failed(w: FunctionWorker) -> str | None:
             local = self.host.workers.get(w.metadata.name)
@@ -329,7 +350,13 @@ class Gateway:
             self.view.alive,
             self.view.workers.values(),
             {n: f.spec for n, f in self.view.functions.items()},
+            runtime=fn.spec.runtime,
         )
+        if not views:
+            self.metrics.invocations.labels(name, "rejected").inc()
+            raise NoCapacity(
+                f"no node runs a function gateway with the {fn.spec.runtime.value} runtime"
+            )
         me = self.view.nodes.get(self.node_id)
         zone = me.spec.zone if me is not None else None
         request = worker_request(fn.spec, near_zone=zone)
@@ -388,8 +415,18 @@ class Gateway:
                 headers=headers,
                 timeout=httpx.Timeout(self.forward_timeout_s, read=timeout_s + 5.0),
             )
-        except httpx.HTTPError as exc:
+        except (httpx.ConnectError, httpx.ConnectTimeout) as exc:
+            # Nothing was sent: safe to try another worker.
             raise WorkerNotHere(f"node {worker.spec.node} did not answer: {exc}") from None
+        except httpx.TimeoutException:
+            # Sent, no answer in time: it may have run. Never run it a second time.
+            raise rt.HandlerTimeout(
+                f"node {worker.spec.node} did not answer within the function's timeout"
+            ) from None
+        except httpx.HTTPError as exc:
+            raise rt.HandlerFailed(
+                f"the call to node {worker.spec.node} failed after it was sent: {exc}"
+            ) from None
         code = resp.headers.get("X-Blixard-Error")
         if code is not None:
             message = _error_message(resp)
@@ -400,17 +437,43 @@ class Gateway:
             if code == rt.HandlerTimeout.code:
                 raise rt.HandlerTimeout(message)
             raise rt.HandlerFailed(message)
-        own = json.loads(resp.headers.get("X-Blixard-Handler-Headers", "{}"))
-        return rt.Response(resp.status_code, _body_of(resp), dict(own))
+        if resp.headers.get(FORWARDED_HEADER) != "1":
+            raise rt.HandlerFailed(
+                f"node {worker.spec.node} answered HTTP {resp.status_code} without a handler's "
+                "answer (a proxy in between, or a request it could not read)"
+            )
+        try:
+            own = json.loads(resp.headers.get("X-Blixard-Handler-Headers", "{}"))
+            return rt.Response(resp.status_code, _body_of(resp), dict(own))
+        except ValueError:
+            raise rt.HandlerFailed(f"node {worker.spec.node} sent an unreadable answer") from None
 
     # --- serving forwarded calls (the other side of _forward) ---------------------------------
 
+    def acquire_forwarded(self, worker: str) -> LocalWorker:
+        """Take a slot for a call another gateway forwards (before its body is read)."""
+        return self.host.try_acquire(worker)
+
     async def serve_forwarded(
-        self, worker: str, event: bytes, context: dict[str, Any], timeout_s: float
+        self, local: LocalWorker, event: bytes, context: dict[str, Any], timeout_s: float
     ) -> rt.Response:
-        """Run a call another gateway forwarded to this node's worker ``worker``."""
-        local: LocalWorker = self.host.try_acquire(worker)
-        return await self.host.run(local, event, context, timeout_s)
+        """Run a forwarded call on the slot :meth:`acquire_forwarded` took."""
+        try:
+            return await self.host.run(local, event, context, timeout_s)
+        except rt.WorkerGone as exc:
+            # Raised before anything ran (runtimes report a death mid-call as
+            # HandlerFailed): the caller's gateway may try another worker.
+            raise WorkerNotHere(str(exc)) from None
+
+
+def _of_this(worker: FunctionWorker, fn: Function) -> bool:
+    """A worker of this incarnation and generation of ``fn``, within its cap."""
+    uid = worker.spec.function_uid
+    return (
+        worker.spec.generation == fn.metadata.generation
+        and (uid is None or uid == fn.metadata.uid)
+        and worker.spec.index < fn.spec.worker_cap
+    )
 
 
 def _error_message(resp: httpx.Response) -> str:

@@ -20,11 +20,12 @@ import asyncio
 import contextlib
 import shutil
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Coroutine, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
+from uuid import UUID
 
 import structlog
 
@@ -67,6 +68,9 @@ class LocalWorker:
     generation: int
     spec: FunctionSpec
     concurrency: int
+    #: The function's uid: a function deleted and created again under the same name
+    #: never gets the old incarnation's workers.
+    function_uid: UUID | None = None
     worker: rt.Worker | None = None
     ready: asyncio.Event = field(default_factory=asyncio.Event)
     failed: str = ""
@@ -129,6 +133,8 @@ class FunctionHost:
         #: Set whenever a slot frees or a worker becomes ready: waiting gateways look again.
         self.changed = asyncio.Condition()
         self._tasks: list[asyncio.Task[None]] = []
+        #: Workers being closed (and dead workers' records being dropped): awaited at close.
+        self._closing: set[asyncio.Task[None]] = set()
 
     # --- life ---------------------------------------------------------------------------
 
@@ -146,7 +152,14 @@ class FunctionHost:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
         for local in list(self.workers.values()):
-            await self._close(local)
+            self._spawn_close(local)
+        if self._closing:  # closes in progress finish (bounded): no process left behind
+            await asyncio.wait(self._closing, timeout=60)
+
+    def _background(self, coro: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.create_task(coro)
+        self._closing.add(task)
+        task.add_done_callback(self._closing.discard)
 
     # --- starting -----------------------------------------------------------------------
 
@@ -162,6 +175,7 @@ class FunctionHost:
             function=record.spec.function,
             generation=record.spec.generation,
             spec=spec,
+            function_uid=record.spec.function_uid,
             concurrency=spec.per_worker,
         )
         self.workers[local.name] = local
@@ -178,7 +192,7 @@ class FunctionHost:
                 )
             work_dir = rt.ensure_dir(self.work_root / local.name)
             worker = await runtime.start_worker(local.function, local.spec, work_dir)
-        except (BlixardError, OSError) as exc:
+        except Exception as exc:
             local.failed = f"worker {local.name} could not start on {self.node_id}: {exc}"
             log.warning("function worker failed to start", worker=local.name, error=str(exc))
             local.ready.set()
@@ -216,13 +230,18 @@ class FunctionHost:
         local.in_flight += 1
         return local
 
-    def free_local(self, function: str, generation: int) -> list[LocalWorker]:
+    def release(self, local: LocalWorker) -> None:
+        """Give back a slot taken with :meth:`try_acquire` that was not used."""
+        local.in_flight -= 1
+
+    def free_local(self, function: str, generation: int, uid: UUID | None) -> list[LocalWorker]:
         """This node's ready workers of ``function`` with a free slot, most free first."""
         found = [
             w
             for w in self.workers.values()
             if w.function == function
             and w.generation == generation
+            and (uid is None or w.function_uid in (None, uid))
             and not w.closed
             and not w.failed
             and w.worker is not None
@@ -267,7 +286,7 @@ class FunctionHost:
                 # It died (e.g. its VM was discarded after a timeout): free its name
                 # so a new worker can take its place.
                 self._spawn_close(local)
-                self._tasks.append(asyncio.create_task(self._drop_record(local.name)))
+                self._background(self._drop_record(local.name))
             await self._notify()
 
     def _log_line(self, local: LocalWorker, context: dict[str, Any], line: str) -> None:
@@ -387,7 +406,7 @@ class FunctionHost:
         local.closed = True
         if self.workers.get(local.name) is local:
             del self.workers[local.name]
-        self._tasks.append(asyncio.create_task(self._close(local)))
+        self._background(self._close(local))
 
     async def _close(self, local: LocalWorker) -> None:
         local.closed = True

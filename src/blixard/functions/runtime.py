@@ -12,6 +12,7 @@ which the gateway turns into 502 / 504 answers without harm to itself.
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -22,6 +23,8 @@ from blixard.domain.function import FunctionSpec
 #: Largest handler output read back (stdout, or the guest's answer): past it the
 #: handler failed (502), and the gateway's memory is never at the handler's mercy.
 MAX_OUTPUT_BYTES = 6 * 1024 * 1024
+#: An HTTP header name (RFC 9110 token).
+_TOKEN = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
 
 __all__ = ["HandlerFailed", "HandlerTimeout", "Response", "Runtime", "Worker", "WorkerGone"]
 
@@ -78,6 +81,9 @@ def parse_response(raw: bytes) -> Response:
         isinstance(k, str) and isinstance(v, str) for k, v in headers.items()
     ):
         raise HandlerFailed(f"headers must map strings to strings, got {headers!r}")
+    for key, item in headers.items():
+        if not _TOKEN.fullmatch(key) or any(ch in item for ch in "\r\n\x00"):
+            raise HandlerFailed(f"header {key!r} is not a valid HTTP header name and value")
     return Response(status, value.get("body"), dict(headers))
 
 

@@ -81,6 +81,7 @@ class FunctionView:
             for w in self.workers_of(fn.metadata.name)
             if w.spec.node != me
             and w.spec.generation == fn.metadata.generation
+            and w.spec.function_uid in (None, fn.metadata.uid)
             and w.status.state is WorkerState.READY
             and w.spec.node in self.alive
             and self.gateway_url(w.spec.node)

@@ -32,17 +32,26 @@ def worker_request(spec: FunctionSpec, near_zone: str | None = None) -> Request:
     )
 
 
+def can_host(node: Node, runtime: Runtime) -> bool:
+    """Whether ``node`` runs a gateway with ``runtime``: only there can a worker start."""
+    return node.spec.gateway_url is not None and runtime.value in node.spec.function_runtimes
+
+
 def worker_views(
     nodes: Iterable[Node],
     alive: set[str],
     workers: Iterable[FunctionWorker],
     specs: Mapping[str, FunctionSpec],
+    runtime: Runtime | None = None,
 ) -> list[NodeView]:
     """One view per node: its stored allocation plus the claims of the workers on it.
 
     ``specs`` maps function names to their specs (a worker of a function no longer
-    known claims nothing: it is about to be removed).
+    known claims nothing: it is about to be removed). With ``runtime``, only the
+    nodes that can host a worker of it (:func:`can_host`) are in the list.
     """
+    if runtime is not None:
+        nodes = [n for n in nodes if can_host(n, runtime)]
     claims: dict[str, int] = {}
     for worker in workers:
         spec = specs.get(worker.spec.function)

@@ -429,7 +429,11 @@ class MicroVmWorker:
             except AgentError as exc:
                 said = self._vm.console_tail(3)
                 self._discard(str(exc))
-                raise WorkerGone(f"{self.name}: {exc} (console: {said})") from None
+                # The event was sent: it may have run, so this is the call's failure (502),
+                # not a worker the gateway may silently replace for the same call.
+                raise HandlerFailed(
+                    f"{self.name}: the microVM failed during the call: {exc} (console: {said})"
+                ) from None
             except BaseException:  # cancelled mid-exchange: the channel is out of step
                 self._discard("an invocation was cancelled mid-way")
                 raise
