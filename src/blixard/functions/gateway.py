@@ -185,7 +185,10 @@ class Gateway:
         queued = False
         try:
             while True:
-                fn = self.view.functions.get(name, fn)
+                current = self.view.functions.get(name)
+                if current is None:  # function() put it in the view: it was deleted since
+                    raise NotFound(f"function {name!r} was deleted")
+                fn = current
                 served = await self._try_serve(fn, event, context, arrived, arrived_mono)
                 if served is not None:
                     return served
