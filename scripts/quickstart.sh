@@ -3,7 +3,8 @@
 # SQLite store, boot a real microVM (QEMU, the default guest image), show its status and the
 # ready line from its serial console, then keep both running until Ctrl-C.
 #   --once          delete the VM and stop the node after showing them (used by the tests)
-# Environment: BLIXARD_DATA_DIR (default ./data), BLIXARD_API_PORT (default 7400).
+# Environment: BLIXARD_DATA_DIR (default ./data), BLIXARD_API_PORT (default 7400),
+# BLIXARD_GATEWAY_PORT (the function gateway, default 7480).
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"

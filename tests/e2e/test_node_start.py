@@ -183,6 +183,7 @@ def test_quickstart_script_runs_a_healthy_node(tmp_path: Path) -> None:
         **os.environ,
         "BLIXARD_DATA_DIR": str(tmp_path / "qs"),
         "BLIXARD_API_PORT": str(free_port()),
+        "BLIXARD_GATEWAY_PORT": str(free_port()),  # 7480 may be taken by a node of the user's
     }
     res = subprocess.run(
         ["bash", str(ROOT / "scripts" / "quickstart.sh"), "--once"],
