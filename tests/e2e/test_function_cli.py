@@ -281,3 +281,12 @@ def test_update_logs_and_delete(fnode: RunningNode, echo_py: Path) -> None:
     res = fnode.cli("function", "get", "changing")
     assert res.returncode == 1 and "function 'changing' does not exist" in res.stderr
     until("its workers to go", lambda: listed(fnode, "changing") is None)
+
+
+def test_a_microvm_handler_is_a_shell_line_sent_as_written(fnode: RunningNode) -> None:
+    """The README's example: the guest's sh runs the line (nothing splits it on the way)."""
+    fnode.ok("function", "create", "inside", "--runtime", "microvm",
+             "--handler", 'read -r e; echo "{\\"got\\": $e}"')  # fmt: skip
+    out = invoke_json(fnode, "inside", '{"x": 1}')
+    assert out["status"] == 200 and out["body"] == {"got": {"x": 1}}, out
+    fnode.ok("function", "delete", "inside")

@@ -334,8 +334,13 @@ def test_command_handlers_are_split_and_local_paths_made_absolute(
     assert (
         spec_from_flags(FunctionFlags(runtime=Runtime.COMMAND, handler="cat"))["handler"] == "cat"
     )
-    spec = spec_from_flags(FunctionFlags(runtime=Runtime.MICROVM, handler="bin/handler x"))
-    assert (spec["handler"], spec["args"]) == ("bin/handler", ["x"])
+    # A microVM handler is a shell line for the guest's sh: sent as written, never split.
+    line = 'read -r e; echo "{\\"got\\": $e}"'
+    spec = spec_from_flags(FunctionFlags(runtime=Runtime.MICROVM, handler=line))
+    assert spec == {"runtime": "microvm", "handler": line}
+    (tmp_path / "h.sh").write_text("cat\n")
+    spec = spec_from_flags(FunctionFlags(runtime=Runtime.MICROVM, config="h.sh"))
+    assert spec["handler"] == "cat\n"  # the script's text: a host path means nothing inside
     # --handler-file for a command is the executable's absolute path, not its text.
     spec = spec_from_flags(FunctionFlags(runtime=Runtime.COMMAND, config="h.py"))
     assert spec["handler"] == str(tmp_path / "h.py")

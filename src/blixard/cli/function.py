@@ -284,14 +284,15 @@ def _handler_fields(flags: FunctionFlags, runtime: Runtime) -> dict[str, Any]:
       split as a shell would into the executable and leading arguments (then
       any ``--arg``); a path with a '/' in it is made absolute, a bare name
       is looked up on the node's PATH. ``--config FILE`` is a local path.
-    * microvm: as command, but the command runs in the guest, so a path in
-      ``--handler`` is the guest's and left alone.
+    * microvm: the handler is a shell command line the guest's ``sh`` runs
+      (``read -r e; echo ...``): sent as written, never split, and a path in
+      it is the guest's; ``--config FILE`` sends the file's text (a script).
     """
     if flags.handler is not None and flags.config is not None:
         raise ValidationError("--handler", "cannot be combined with --config; give one of them")
     spec: dict[str, Any] = {}
     if flags.config is not None:
-        if runtime is Runtime.NIX:
+        if runtime in (Runtime.NIX, Runtime.MICROVM):  # the text goes where it runs
             spec["handler"] = _read_text(flags.config, "--config")
         else:
             path = os.path.abspath(flags.config)
@@ -305,6 +306,9 @@ def _handler_fields(flags: FunctionFlags, runtime: Runtime) -> dict[str, Any]:
         stripped = handler.strip()
         if _is_nix_file(stripped) and not any(c.isspace() for c in stripped):
             handler = os.path.abspath(stripped)
+        spec["handler"] = handler
+        return spec
+    if runtime is Runtime.MICROVM:
         spec["handler"] = handler
         return spec
     try:
