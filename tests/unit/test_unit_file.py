@@ -110,6 +110,8 @@ REFUSED = [
     ("ExecStart=/bin/true\n", "before any [Section]"),
     ("[Service]\nExecStart /bin/true\n", "expected Key=Value"),
     ("[Socket]\nListenStream=80\n", "section [Socket]"),
+    ("[Service]\nExecStart=/bin/echo a\\x00b\n", "NUL"),
+    ("[Service]\nEnvironment=A=x\\x00y\nExecStart=/bin/true\n", "NUL"),
 ]
 
 

@@ -315,6 +315,8 @@ def _escape(value: str, i: int, at: str) -> tuple[str, int]:
     if code == "x":
         digits = value[i + 2 : i + 4]
         if len(digits) == 2 and all(c in "0123456789abcdefABCDEF" for c in digits):
+            if digits == "00":  # no argument of a process can hold a NUL
+                raise UnitFileError(f"{at}: \\x00 (NUL) cannot be in a command line")
             return chr(int(digits, 16)), i + 4
     raise UnitFileError(f"{at}: unsupported escape \\{code}")
 
