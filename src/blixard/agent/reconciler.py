@@ -212,6 +212,16 @@ class Agent:
             for name in list(self.tasks):
                 self._wake_up(name)
 
+    def _refresh_fence(self) -> None:
+        """Write the current deadline now, before a task is started or resumed.
+
+        The files are refreshed every 0.1 s; right after the lease is proven again
+        they may still hold the passed deadline, and a shim reading that would end
+        the new task at once (seen in CI as a restart counted after fencing).
+        """
+        if self.lease_remaining is not None:
+            self._publish_fence_deadline()
+
     async def _keep_fence_deadline(self) -> None:
         fenced = False
         while True:
@@ -401,6 +411,7 @@ class Agent:
                 if self.clock() >= deadline:
                     self._wake_up(local.name, after_s=0.5)
                     return
+                self._refresh_fence()
                 executor.signal_group(
                     local.handle.pid, local.handle.pid_start_ticks, signal.SIGCONT
                 )
@@ -512,6 +523,7 @@ class Agent:
         local.policy = vm.spec.restart
         local.fencing = vm.spec.fencing
         self._save(local, run_dir)  # no handle yet: marks a start in progress
+        self._refresh_fence()
         executor.link_fence(run_dir, self._fence_target(vm.spec.fencing))
         try:
             handle = await driver.start(local.name, vm.spec, run_dir)
