@@ -34,14 +34,9 @@ def build_runtimes(
     enabled: Sequence[str], data_dir: Path, images_dir: Path
 ) -> dict[Runtime, rt.Runtime]:
     """The runtimes this node offers (``[functions] runtimes``)."""
-    from blixard.functions.command import CommandRuntime  # noqa: PLC0415
-    from blixard.functions.nix import NixRuntime  # noqa: PLC0415
+    from blixard.functions.registry import process_runtimes  # noqa: PLC0415
 
-    runtimes: dict[Runtime, rt.Runtime] = {}
-    if "command" in enabled:
-        runtimes[Runtime.COMMAND] = CommandRuntime()
-    if "nix" in enabled:
-        runtimes[Runtime.NIX] = NixRuntime()
+    runtimes = {kind: run for kind, run in process_runtimes().items() if kind.value in enabled}
     if "microvm" in enabled:
         from blixard.functions.microvm import MicroVmRuntime  # noqa: PLC0415
 
